@@ -1,0 +1,30 @@
+import random
+
+import pytest
+
+from chameleon_lite.text_tokenizer import TextTokenizer
+
+CORPUS = [
+    "a small red circle left of a large blue square",
+    "two green triangles above the yellow star",
+    "how many objects are there? three",
+    "is there no purple diamond in the picture? yes",
+    "what colour is the triangle? orange",
+    "the blue square moves to the right of the red circle",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def text_corpus() -> list[str]:
+    return list(CORPUS)
+
+
+@pytest.fixture(scope="session")
+def text_tokenizer() -> TextTokenizer:
+    """A small sentencepiece model trained on a fixed corpus (shared by tests; training takes ~0.1 s)."""
+    return TextTokenizer.train(CORPUS, vocab_size=320)
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    return random.Random(0)
