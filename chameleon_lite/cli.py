@@ -26,6 +26,20 @@ def _bundle_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_shapes(args: argparse.Namespace) -> int:
+    from chameleon_lite.data.scenes import WorldConfig
+    from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
+
+    world = WorldConfig(image_size=args.image_size, max_objects=args.max_objects, grid=args.grid)
+    spec = ShapesWorldSpec(
+        train=args.train, val=args.val, test=args.test, seed=args.seed, world=world, shard_size=args.shard_size
+    )
+    counts = write_shapes_world(spec, args.out)
+    total = sum(sum(c.values()) for c in counts.values())
+    print(f"wrote {total} samples to {args.out} (record: {args.out}/world.yaml)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chameleon-lite", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"chameleon-lite {__version__}")
@@ -34,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("bundle-info", help="print the vocabulary layout of a tokenizer bundle")
     info.add_argument("path", help="bundle directory, e.g. tokenizers/shapes-64")
     info.set_defaults(func=_bundle_info)
+
+    data = sub.add_parser("data", help="generate data sets").add_subparsers(dest="data_command", required=True)
+    shapes = data.add_parser("shapes", help="write the procedural shapes world to webdataset shards")
+    shapes.add_argument("--out", required=True, help="output directory")
+    shapes.add_argument("--train", type=int, default=10000, help="training scenes")
+    shapes.add_argument("--val", type=int, default=500, help="validation scenes")
+    shapes.add_argument("--test", type=int, default=1000, help="test scenes")
+    shapes.add_argument("--image-size", type=int, default=64, help="rendered image side in pixels")
+    shapes.add_argument("--max-objects", type=int, default=6, help="most objects in a scene")
+    shapes.add_argument("--grid", type=int, default=3, help="positions form a grid x grid layout")
+    shapes.add_argument("--shard-size", type=int, default=2000, help="samples per shard")
+    shapes.add_argument("--seed", type=int, default=0, help="base seed (splits use disjoint streams of it)")
+    shapes.set_defaults(func=_data_shapes)
     return parser
 
 
