@@ -15,17 +15,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from chameleon_lite.image_tokenizer import WEIGHTS_NAME, ImageTokenizerConfig, VQImageTokenizer
 from chameleon_lite.text_tokenizer import TextTokenizer
 from chameleon_lite.vocab import CONTROL_TOKENS, Vocab
 
 CONFIG_FILE = "tokenizer.yaml"
 TEXT_FILE = "text.model"
-IMAGE_WEIGHTS_FILE = "image_tokenizer.safetensors"
+IMAGE_WEIGHTS_FILE = WEIGHTS_NAME  # "image_tokenizer.safetensors"
 README_FILE = "README.md"
 FORMAT_VERSION = 1
 
@@ -50,7 +50,7 @@ class BundleConfig:
     format_version: int = FORMAT_VERSION
     vocab: VocabSpec = field(default_factory=VocabSpec)
     image_grid: list[int] = field(default_factory=lambda: [8, 8])  # (h, w) codes per image
-    image_tokenizer: dict[str, Any] | None = None  # VQ model settings; None until one is trained
+    image_tokenizer: ImageTokenizerConfig | None = None  # VQ model settings; None until one is trained
     use_eol: bool = False  # whether images carry an <eol> token after each row of codes
     notes: str = ""
 
@@ -63,7 +63,7 @@ class TokenizerBundle:
     text: TextTokenizer
     vocab: Vocab
     image_grid: tuple[int, int] = (8, 8)
-    image_tokenizer: Any = None  # chameleon_lite.image_tokenizer.VQImageTokenizer, once trained
+    image_tokenizer: VQImageTokenizer | None = None  # once one is trained
     use_eol: bool = False
     notes: str = ""
 
@@ -88,7 +88,7 @@ class TokenizerBundle:
             name=self.name,
             vocab=VocabSpec(**self.vocab.to_dict()),
             image_grid=list(self.image_grid),
-            image_tokenizer=self.image_tokenizer.config_dict() if self.image_tokenizer is not None else None,
+            image_tokenizer=self.image_tokenizer.config if self.image_tokenizer is not None else None,
             use_eol=self.use_eol,
             notes=self.notes,
         )
@@ -102,6 +102,8 @@ def save_bundle(bundle: TokenizerBundle, path: str | Path, readme: str | None = 
     bundle.text.save(path / TEXT_FILE)
     if bundle.image_tokenizer is not None:
         bundle.image_tokenizer.save_weights(path / IMAGE_WEIGHTS_FILE)
+    elif (path / IMAGE_WEIGHTS_FILE).exists():
+        (path / IMAGE_WEIGHTS_FILE).unlink()  # stale weights of an earlier bundle in the same directory
     if readme is None and not (path / README_FILE).exists():
         readme = _default_readme(bundle)
     if readme is not None:
@@ -126,13 +128,13 @@ def load_bundle(path: str | Path, *, load_image_tokenizer: bool = True) -> Token
     text = TextTokenizer.load(path / TEXT_FILE)
     image_tokenizer = None
     if cfg.image_tokenizer is not None and load_image_tokenizer:
-        from chameleon_lite.image_tokenizer import VQImageTokenizer  # heavy import only when a VQ model is present
-
         weights = path / IMAGE_WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{path / CONFIG_FILE} describes an image tokenizer but {weights} is missing")
-        image_tokenizer = VQImageTokenizer.from_config_dict(dict(cfg.image_tokenizer))
-        image_tokenizer.load_weights(weights)
+        try:
+            image_tokenizer = VQImageTokenizer.load(weights, config=cfg.image_tokenizer).eval()
+        except ValueError as err:
+            raise ValueError(f"{weights} does not match {path / CONFIG_FILE}: {err}") from err
         _check_image_tokenizer(image_tokenizer, vocab, tuple(cfg.image_grid), path / CONFIG_FILE)
     try:
         return TokenizerBundle(
@@ -166,7 +168,7 @@ def load_bundle_config(file: str | Path) -> BundleConfig:
     return OmegaConf.to_object(merged)
 
 
-def _check_image_tokenizer(model: Any, vocab: Vocab, grid: tuple[int, int], file: Path) -> None:
+def _check_image_tokenizer(model: VQImageTokenizer, vocab: Vocab, grid: tuple[int, int], file: Path) -> None:
     if model.codebook_size != vocab.codebook_size:
         raise ValueError(
             f"{file}: vocab.codebook_size={vocab.codebook_size} but the image tokenizer has {model.codebook_size} codes"

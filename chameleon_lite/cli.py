@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from chameleon_lite import __version__
+from chameleon_lite.lightning_cli import LIGHTNING_SUBCOMMANDS, run_lightning_cli
 
 
 def _bundle_info(args: argparse.Namespace) -> int:
@@ -40,6 +41,44 @@ def _data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_tokenizer(args: argparse.Namespace) -> int:
+    from itertools import islice
+
+    from chameleon_lite.bundle import load_bundle
+    from chameleon_lite.data.readers import pair_dataset
+    from chameleon_lite.eval.tokenizer_eval import evaluate_image_tokenizer, format_report
+
+    bundle = load_bundle(args.tokenizer)
+    if bundle.image_tokenizer is None:
+        raise SystemExit(f"{args.tokenizer} has no image tokenizer to evaluate")
+    world = None
+    if args.world:
+        from chameleon_lite.data.shapes_world import load_world_spec
+
+        world = load_world_spec(args.world).world
+    dataset = pair_dataset(args.shards, require_text=False)
+    images = (s["image"] for s in islice(dataset, args.limit))
+    metrics = evaluate_image_tokenizer(bundle.image_tokenizer, images, world=world, batch_size=args.batch_size)
+    print(format_report(metrics))
+    dataset.log_summary()
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from chameleon_lite.bundle import load_bundle
+    from chameleon_lite.data.pretokenize import tokenize_shards
+
+    bundle = load_bundle(args.tokenizer)
+    stats = tokenize_shards(
+        bundle, args.shards, args.out, batch_size=args.batch_size, num_workers=args.num_workers
+    )
+    print(
+        f"{stats.samples} samples, {stats.images} images in {stats.seconds:.1f} s "
+        f"({stats.images_per_second:.0f} images/s) -> {args.out}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chameleon-lite", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"chameleon-lite {__version__}")
@@ -61,11 +100,32 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--shard-size", type=int, default=2000, help="samples per shard")
     shapes.add_argument("--seed", type=int, default=0, help="base seed (splits use disjoint streams of it)")
     shapes.set_defaults(func=_data_shapes)
+    ev = sub.add_parser("eval-tokenizer", help="measure a bundle's image tokenizer on image shards")
+    ev.add_argument("--tokenizer", required=True, help="bundle directory")
+    ev.add_argument("--shards", required=True, help="image-caption shards, e.g. 'data/shapes/val/pairs-*.tar'")
+    ev.add_argument("--world", help="world.yaml of a shapes world: adds scene-parser agreement")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.set_defaults(func=_eval_tokenizer)
+
+    tok = sub.add_parser("tokenize", help="pre-tokenize raw shards (pairs, QA, docs) into token shards")
+    tok.add_argument("--tokenizer", required=True, help="bundle directory, e.g. tokenizers/shapes-64")
+    tok.add_argument("--shards", required=True, help="raw shards, e.g. 'data/shapes/train/*.tar'")
+    tok.add_argument("--out", required=True, help="output directory for token shards")
+    tok.add_argument("--batch-size", type=int, default=256, help="images per VQ encoder batch")
+    tok.add_argument("--num-workers", type=int, default=2, help="processes decoding images and text")
+    tok.set_defaults(func=_tokenize)
+
+    for name in LIGHTNING_SUBCOMMANDS:  # listed for --help; parsed by LightningCLI
+        sub.add_parser(name, help=f"LightningCLI {name} (see chameleon-lite {name} --help)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        run_lightning_cli(argv)
+        return 0
     args = build_parser().parse_args(argv)
     return args.func(args)
 

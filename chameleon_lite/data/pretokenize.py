@@ -1,0 +1,185 @@
+"""Pre-tokenization: raw shards (pairs, QA, interleaved documents) -> token shards the native trainer reads.
+
+Images are encoded once, in batches, by the bundle's VQ tokenizer; text is encoded by its sentencepiece model.
+DataLoader worker processes decode and preprocess images and encode text in parallel; the main process runs the
+batched VQ encoder. Each output sample is one ``KEY.json`` holding ids and codes as plain integer lists::
+
+    {"kind": "pair", "tokens": [{"image": [c_0, ..., c_{h*w-1}]}, {"text": [ids]}], "meta": {...}}
+    {"kind": "qa", "tokens": [{"image": [...]}], "question": [ids], "answer": [ids], "category": "count", ...}
+    {"kind": "doc", "tokens": [{"text": [ids]}, {"image": [...]}, {"text": [ids]}, {"image": [...]}, ...]}
+
+Codes are raw VQ codes in ``[0, codebook_size)`` (not vocabulary ids): the vocabulary offset is applied when
+sequences are built, so token shards stay valid if control slots are added. ``OUT/tokens.yaml`` records the
+bundle (name, grid, codebook, vocabulary size) so the trainer can refuse shards made with another tokenizer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, IterableDataset
+
+from chameleon_lite.bundle import TokenizerBundle
+from chameleon_lite.data.readers import interleaved_dataset, list_shards, pair_dataset, qa_dataset
+from chameleon_lite.data.shards import write_shards
+from chameleon_lite.image_tokenizer import preprocess_images
+
+RECORD_FILE = "tokens.yaml"
+KINDS = ("pair", "qa", "doc")
+
+
+_PREFIX_KIND = {"qa": "qa", "docs": "doc"}
+_KIND_PREFIX = {"pair": "pairs", "qa": "qa", "doc": "docs"}
+
+
+def shard_kind(shard: str) -> str:
+    """``qa`` for ``qa-*.tar``, ``doc`` for ``docs-*.tar``, else ``pair`` (img2dataset's ``00000.tar`` included)."""
+    return _PREFIX_KIND.get(Path(shard).name.split("-")[0], "pair")
+
+
+class _Prepared(IterableDataset):
+    """Raw samples -> text ids + preprocessed image tensors (runs in DataLoader workers)."""
+
+    def __init__(self, shards: list[str], kind: str, bundle: TokenizerBundle):
+        self.kind = kind
+        self.text = bundle.text
+        self.image_config = bundle.image_tokenizer.config
+        reader = {"pair": pair_dataset, "qa": qa_dataset, "doc": interleaved_dataset}[kind]
+        self.source = reader(shards)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for s in self.source:
+            out: dict[str, Any] = {"key": s["key"], "kind": self.kind}
+            if self.kind == "doc":
+                images = [seg for seg in s["segments"] if not isinstance(seg, str)]
+                out["layout"] = [("text", self.text.encode(seg)) if isinstance(seg, str) else ("image", None)
+                                 for seg in s["segments"]]
+            else:
+                images = [s["image"]]
+                out["meta"] = s["meta"]
+                if self.kind == "pair":
+                    out["layout"] = [("image", None), ("text", self.text.encode(s["text"]))]
+                else:
+                    out["layout"] = [("image", None)]
+                    out["qa"] = {
+                        "question": self.text.encode(s["question"]),
+                        "answer": self.text.encode(s["answer"]),
+                        "category": s["category"],
+                    }
+            out["pixels"] = preprocess_images(images, self.image_config)  # (n_images, C, H, W)
+            yield out
+
+
+@dataclass
+class TokenizeStats:
+    samples: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def _encode_pending(model, pending: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Encode all images of ``pending`` samples in one VQ batch and yield the finished token samples."""
+    pixels = torch.cat([p["pixels"] for p in pending])  # (N, C, H, W)
+    codes = model.encode(pixels.to(next(model.parameters()).device)).flatten(1).tolist()  # N x (h*w)
+    k = 0
+    for p in pending:
+        segments = []
+        for kind, ids in p["layout"]:
+            if kind == "image":
+                segments.append({"image": codes[k]})
+                k += 1
+            else:
+                segments.append({"text": ids})
+        record: dict[str, Any] = {"kind": p["kind"], "tokens": segments}
+        if "qa" in p:
+            record.update(p["qa"])
+        if "meta" in p:
+            record["meta"] = p["meta"]
+        yield {"__key__": p["key"], "json": record}
+
+
+def tokenize_shards(
+    bundle: TokenizerBundle,
+    shards: str,
+    out: str | Path,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    shard_size: int = 5000,
+    progress: bool = True,
+) -> TokenizeStats:
+    """Pre-tokenize ``shards`` (pairs, QA and docs, told apart by file name) into ``out``; returns throughput."""
+    if bundle.image_tokenizer is None:
+        raise ValueError(f"bundle {bundle.name!r} has no image tokenizer; train one first")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = Path(out)
+    _write_record(bundle, out)
+    groups: dict[str, list[str]] = {}
+    for shard in list_shards(shards):
+        groups.setdefault(shard_kind(shard), []).append(shard)
+    total = TokenizeStats()
+    for kind, shard_list in groups.items():
+        stats = _tokenize_kind(bundle, kind, shard_list, out, batch_size, num_workers, shard_size, progress)
+        total.samples += stats.samples
+        total.images += stats.images
+        total.seconds += stats.seconds
+    return total
+
+
+def _tokenize_kind(bundle, kind, shard_list, out, batch_size, num_workers, shard_size, progress) -> TokenizeStats:
+    model = bundle.image_tokenizer.eval()
+    workers = min(num_workers, len(shard_list))  # a worker without a shard would idle
+    loader = DataLoader(_Prepared(shard_list, kind, bundle), batch_size=None, num_workers=workers)
+    stats = TokenizeStats()
+    start = time.perf_counter()
+
+    def records() -> Iterator[dict[str, Any]]:
+        pending: list[dict[str, Any]] = []
+        n_images = 0
+        for sample in loader:
+            pending.append(sample)
+            n_images += sample["pixels"].shape[0]
+            if n_images >= batch_size:
+                stats.images += n_images
+                yield from _encode_pending(model, pending)
+                pending, n_images = [], 0
+        if pending:
+            stats.images += n_images
+            yield from _encode_pending(model, pending)
+
+    def counted():
+        for r in records():
+            stats.samples += 1
+            yield r
+
+    write_shards(counted(), out, prefix=_KIND_PREFIX[kind], max_count=shard_size, progress=progress, overwrite=True)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _write_record(bundle: TokenizerBundle, out: Path) -> None:
+    record = {
+        "bundle": bundle.name,
+        "image_grid": list(bundle.image_grid),
+        "codebook_size": bundle.vocab.codebook_size,
+        "vocab_size": bundle.vocab.size,
+        "n_text": bundle.vocab.n_text,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RECORD_FILE
+    if path.exists():
+        existing = OmegaConf.to_container(OmegaConf.load(path))
+        if existing != record:
+            raise ValueError(f"{path} was written with another tokenizer ({existing}); use a fresh --out directory")
+    OmegaConf.save(OmegaConf.create(record), path)

@@ -1,0 +1,680 @@
+"""VQ image tokenizer: images <-> grids of discrete codes that share the vocabulary with text.
+
+`encode(images) -> LongTensor[B, h, w]` and `decode(codes) -> images` are the whole contract the rest of the
+package relies on; whichever quantizer is inside, the codes are ints in `[0, config.codebook_size)`.
+
+Notable design choices:
+- VQGAN-family conv autoencoder (Esser et al. 2021): residual blocks with GroupNorm + SiLU, strided-conv
+  downsampling, nearest-upsample + conv upsampling, an optional mid block (ResBlock [-> self-attention] -> ResBlock)
+  at the latent resolution. No attention at high resolution: it is slow on CPU and shapes do not need it.
+- The quantizer comes from vector-quantize-pytorch (`VectorQuantize` with EMA codebook, k-means init and dead-code
+  replacement; `FSQ`; `LFQ`) behind one private wrapper, `_Quantizer`, that normalises their differing return
+  tuples to `(quantized (B, D, h, w), indices (B, h, w), aux_loss)` and their differing index->vector lookups.
+- `forward(images).recon` is clamped to [-1, 1] with a straight-through gradient, so the losses see exactly what
+  `decode` returns (and `decode(encode(x)) == forward(x).recon` in eval mode) while gradients still flow.
+- Preprocessing is explicit: any PIL mode -> RGB (transparency composited onto `pad_color`), then either
+  "center_crop" (resize the short side, crop the centre) or "pad" (resize the long side, letterbox with `pad_color`).
+- Weights are saved with safetensors only, with the config in the file's metadata, so `load` can name exactly which
+  setting disagrees with the weights. Quantizer buffers (EMA statistics, k-means `initted` flag) are included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from einops import rearrange
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
+
+WEIGHTS_NAME = "image_tokenizer.safetensors"
+CONFIG_NAME = "image_tokenizer.yaml"
+
+QUANTIZERS = ("vq", "fsq", "lfq")
+RESIZE_MODES = ("center_crop", "pad")
+RESAMPLE_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+DEFAULT_CODEBOOK_SIZE = 1024
+# Settings that only change how the model trains or how PIL images are prepared; `load` accepts them differing
+# from the values stored with the weights. Every other field changes the network or the meaning of the codes.
+_NON_ARCHITECTURE_FIELDS = frozenset(
+    {"kmeans_init", "kmeans_iters", "decay", "threshold_ema_dead_code", "commitment_weight", "lfq_entropy_weight"}
+    | {"resize_mode", "pad_color", "resample"}
+)
+
+
+@dataclass
+class ImageTokenizerConfig:
+    """Settings of a VQ image tokenizer. Plain types only, so it round-trips through `asdict` and OmegaConf.
+
+    Args:
+        image_size: side of the square images the tokenizer reads and writes, in pixels.
+        in_channels: 3 (RGB) or 1 (grayscale).
+        base_channels: width of the first encoder level; level i has `base_channels * channel_mult[i]` channels.
+        channel_mult: width multiplier per resolution level; `len - 1` stride-2 steps, so the downsampling factor
+            is `2 ** (len(channel_mult) - 1)` and must be 4, 8 or 16.
+        num_res_blocks: residual blocks per level (encoder and decoder).
+        mid_block: add ResBlock -> (attention) -> ResBlock at the latent resolution.
+        mid_attention: put single-head self-attention in the mid block (ignored without `mid_block`).
+        latent_dim: channels of the encoder output fed to the quantizer (and of the decoder input).
+        quantizer: "vq" (VectorQuantize, EMA codebook), "fsq" (finite scalar quantization) or "lfq" (lookup-free).
+        codebook_size: number of codes. vq: any size >= 2 (None -> 1024); lfq: a power of 2 (None -> 1024);
+            fsq: derived as `prod(fsq_levels)` (an explicit value must agree).
+        fsq_levels: levels per FSQ dimension, each >= 3 (e.g. [8, 5, 5, 5] -> 1000 codes).
+        codebook_dim: vq only: look codes up in a lower-dimensional space (factorised codes, ViT-VQGAN);
+            None = `latent_dim`.
+        kmeans_init: vq: initialise the codebook with k-means on the first training batch.
+        kmeans_iters: vq: k-means iterations for that initialisation.
+        decay: vq: EMA decay of the codebook statistics.
+        threshold_ema_dead_code: vq: replace codes whose EMA usage count per batch falls below this by random
+            encoder outputs of the current batch (0 disables).
+        use_cosine_sim: vq: l2-normalise codes and inputs (cosine-similarity lookup).
+        rotation_trick: vq: pass gradients through the quantizer with the rotation trick instead of plain STE.
+        commitment_weight: weight of the commitment loss (vq and lfq).
+        lfq_entropy_weight: lfq: weight of the entropy (code diversity) auxiliary loss.
+        resize_mode: how `preprocess` makes non-square images square: "center_crop" or "pad".
+        pad_color: RGB colour (0-255) for "pad" letterboxing and for compositing transparent pixels.
+        resample: PIL filter for resizing: "nearest", "bilinear", "bicubic" or "lanczos".
+    """
+
+    image_size: int = 64
+    in_channels: int = 3
+    base_channels: int = 16
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    num_res_blocks: int = 1
+    mid_block: bool = True
+    mid_attention: bool = False
+    latent_dim: int = 64
+    quantizer: str = "vq"
+    codebook_size: int | None = None
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    codebook_dim: int | None = None
+    kmeans_init: bool = True
+    kmeans_iters: int = 10
+    decay: float = 0.9
+    threshold_ema_dead_code: float = 2.0
+    use_cosine_sim: bool = False
+    rotation_trick: bool = True
+    commitment_weight: float = 0.25
+    lfq_entropy_weight: float = 0.1
+    resize_mode: str = "center_crop"
+    pad_color: list[int] = field(default_factory=lambda: [0, 0, 0])
+    resample: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        self.channel_mult = [int(m) for m in self.channel_mult]
+        self.fsq_levels = [int(level) for level in self.fsq_levels]
+        self.pad_color = [int(c) for c in self.pad_color]
+        for name in ("image_size", "base_channels", "num_res_blocks", "latent_dim", "kmeans_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if not self.channel_mult or any(m < 1 for m in self.channel_mult):
+            raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {self.channel_mult}")
+        if self.downsample_factor not in (4, 8, 16):
+            raise ValueError(
+                f"channel_mult {self.channel_mult} gives downsampling factor {self.downsample_factor}; "
+                "use 3, 4 or 5 levels for a factor of 4, 8 or 16"
+            )
+        if self.image_size % self.downsample_factor:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by the downsampling factor {self.downsample_factor}"
+            )
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.quantizer == "fsq":
+            if not self.fsq_levels or any(level < 3 for level in self.fsq_levels):
+                raise ValueError(f"fsq_levels must be a non-empty list of ints >= 3, got {self.fsq_levels}")
+            product = math.prod(self.fsq_levels)
+            if self.codebook_size is not None and self.codebook_size != product:
+                raise ValueError(
+                    f"codebook_size {self.codebook_size} disagrees with fsq_levels {self.fsq_levels} "
+                    f"(product {product}); leave codebook_size unset for fsq"
+                )
+            self.codebook_size = product
+        else:
+            if self.codebook_size is None:
+                self.codebook_size = DEFAULT_CODEBOOK_SIZE
+            if self.codebook_size < 2:
+                raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
+            if self.quantizer == "lfq" and self.codebook_size & (self.codebook_size - 1):
+                raise ValueError(f"lfq needs a power-of-2 codebook_size, got {self.codebook_size}")
+        if self.codebook_dim is not None and self.codebook_dim < 1:
+            raise ValueError(f"codebook_dim must be None or >= 1, got {self.codebook_dim}")
+        if not 0.0 < self.decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1), got {self.decay}")
+        if self.threshold_ema_dead_code < 0 or self.commitment_weight < 0 or self.lfq_entropy_weight < 0:
+            raise ValueError("threshold_ema_dead_code, commitment_weight and lfq_entropy_weight must be >= 0")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if len(self.pad_color) != 3 or any(not 0 <= c <= 255 for c in self.pad_color):
+            raise ValueError(f"pad_color must be 3 ints in [0, 255], got {self.pad_color}")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ValueError(f"resample must be one of {tuple(RESAMPLE_FILTERS)}, got {self.resample!r}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per code along each side."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the code grid of one image."""
+        side = self.image_size // self.downsample_factor
+        return side, side
+
+    @property
+    def num_codes(self) -> int:
+        """Codes per image, `h * w` (the image's length in a token sequence, without <boi>/<eoi>)."""
+        h, w = self.grid
+        return h * w
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (all values are ints, floats, strs, bools, None or lists of ints)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ImageTokenizerConfig:
+        """Build from a dict, rejecting unknown keys with a ValueError that names them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ImageTokenizerConfig keys: {unknown}")
+        return cls(**values)
+
+
+class TokenizerOutput(NamedTuple):
+    """What `VQImageTokenizer.forward` returns."""
+
+    recon: Tensor  # (B, C, H, W) in [-1, 1]; clamped with a straight-through gradient
+    codes: Tensor  # (B, h, w) int64
+    aux_loss: Tensor  # () quantizer loss (commitment / entropy), already weighted; 0 for fsq
+
+
+# --------------------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups, or the largest divisor of `channels` below that."""
+    groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv3x3, twice, plus a (1x1-projected) skip connection."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm1 = _group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions of a feature map (VQGAN's mid-block attention)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = _group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W)
+        h, w = x.shape[-2:]
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three c) h w -> three b 1 (h w) c", three=3)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        return x + self.proj(rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H/2, W/2)
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 convolution (no checkerboard artefacts)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _mid_block(config: ImageTokenizerConfig, channels: int) -> nn.Sequential:
+    if not config.mid_block:
+        return nn.Sequential()
+    attention = [AttnBlock(channels)] if config.mid_attention else []
+    return nn.Sequential(ResBlock(channels, channels), *attention, ResBlock(channels, channels))
+
+
+class Encoder(nn.Module):
+    """(B, C, H, W) pixels -> (B, latent_dim, H/f, W/f) continuous latents."""
+
+    def __init__(self, config: ImageTokenizerConfig) -> None:
+        super().__init__()
+        widths = [config.base_channels * m for m in config.channel_mult]
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        channels = widths[0]
+        for level, width in enumerate(widths):
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResBlock(channels, width))
+                channels = width
+            if level < len(widths) - 1:
+                blocks.append(Downsample(channels))
+        self.blocks = nn.Sequential(*blocks)
+        self.mid = _mid_block(config, channels)
+        self.norm_out = _group_norm(channels)
+        self.conv_out = nn.Conv2d(channels, config.latent_dim, 3, padding=1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.blocks(self.conv_in(images))  # (B, C_last, h, w)
+        x = self.mid(x)
+        return self.conv_out(F.silu(self.norm_out(x)))  # (B, latent_dim, h, w)
+
+
+class Decoder(nn.Module):
+    """(B, latent_dim, h, w) quantized latents -> (B, C, h*f, w*f) pixels (unbounded)."""
+
+    def __init__(self, config: ImageTokenizerConfig) -> None:
+        super().__init__()
+        widths = [config.base_channels * m for m in reversed(config.channel_mult)]
+        channels = widths[0]
+        self.conv_in = nn.Conv2d(config.latent_dim, channels, 3, padding=1)
+        self.mid = _mid_block(config, channels)
+        blocks: list[nn.Module] = []
+        for level, width in enumerate(widths):
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResBlock(channels, width))
+                channels = width
+            if level < len(widths) - 1:
+                blocks.append(Upsample(channels))
+        self.blocks = nn.Sequential(*blocks)
+        self.norm_out = _group_norm(channels)
+        self.conv_out = nn.Conv2d(channels, config.in_channels, 3, padding=1)
+
+    def forward(self, latents: Tensor) -> Tensor:
+        x = self.mid(self.conv_in(latents))  # (B, C_last, h, w)
+        x = self.blocks(x)  # (B, C_first, H, W)
+        return self.conv_out(F.silu(self.norm_out(x)))  # (B, C, H, W)
+
+
+class _Quantizer(nn.Module):
+    """The one wrapper over vector-quantize-pytorch: same call signature and outputs whatever `config.quantizer` is.
+
+    The library is used channel-last on flattened positions, (B, N, D), for all three quantizers: that is the
+    layout in which their index -> vector lookups (`get_output_from_indices`, `indices_to_codes`) agree with
+    their forward passes (VectorQuantize's image-fmap mode applies `project_out` on the wrong axis in lookups).
+    """
+
+    def __init__(self, config: ImageTokenizerConfig) -> None:
+        super().__init__()
+        self.kind = config.quantizer
+        self.codebook_size = int(config.codebook_size)
+        if self.kind == "vq":
+            self.impl = VectorQuantize(
+                dim=config.latent_dim,
+                codebook_size=self.codebook_size,
+                codebook_dim=config.codebook_dim,
+                decay=config.decay,
+                kmeans_init=config.kmeans_init,
+                kmeans_iters=config.kmeans_iters,
+                threshold_ema_dead_code=config.threshold_ema_dead_code,
+                use_cosine_sim=config.use_cosine_sim,
+                rotation_trick=config.rotation_trick,
+                commitment_weight=config.commitment_weight,
+                channel_last=True,
+            )
+        elif self.kind == "fsq":
+            self.impl = FSQ(levels=list(config.fsq_levels), dim=config.latent_dim)
+        else:
+            self.impl = LFQ(
+                dim=config.latent_dim,
+                codebook_size=self.codebook_size,
+                entropy_loss_weight=config.lfq_entropy_weight,
+                commitment_loss_weight=config.commitment_weight,
+            )
+
+    def forward(self, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, D, h, w) -> quantized (B, D, h, w), indices (B, h, w) int64, aux_loss ()."""
+        h, w = latents.shape[-2:]
+        flat = rearrange(latents, "b d h w -> b (h w) d")
+        if self.kind == "vq":
+            if not self.training and not bool(self.impl._codebook.initted):
+                # the library would run its (random) k-means init here, in eval mode, changing the codebook
+                raise ValueError(
+                    "the VQ codebook is not initialised yet: k-means init runs on the first training batch; "
+                    "train the tokenizer (or set kmeans_init=False) before encoding"
+                )
+            quantized, indices, aux_loss = self.impl(flat)
+        elif self.kind == "fsq":
+            quantized, indices = self.impl(flat)
+            aux_loss = flat.new_zeros(())
+        else:
+            quantized, indices, aux_loss = self.impl(flat)
+        quantized = rearrange(quantized, "b (h w) d -> b d h w", h=h, w=w)
+        indices = rearrange(indices.long(), "b (h w) -> b h w", h=h, w=w)
+        return quantized, indices, aux_loss.reshape(())
+
+    def lookup(self, indices: Tensor) -> Tensor:
+        """(B, h, w) int64 -> (B, D, h, w), the vectors the forward pass would have produced for these indices."""
+        h, w = indices.shape[-2:]
+        flat = rearrange(indices, "b h w -> b (h w)")
+        if self.kind == "vq":
+            vectors = self.impl.get_output_from_indices(flat)
+        else:
+            vectors = self.impl.indices_to_codes(flat)
+        return rearrange(vectors, "b (h w) d -> b d h w", h=h, w=w)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# preprocessing
+
+
+def _to_8bit_mode(image: Image.Image) -> Image.Image:
+    """Bring 16/32-bit integer and float images into 8-bit "L" before colour conversion (PIL would clip them)."""
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+        values = values / 257.0  # 16-bit range
+    elif image.mode == "F" and values.max(initial=0) <= 1.0:
+        values = values * 255.0  # float in [0, 1]
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
+def preprocess_images(images: Sequence[Image.Image], config: ImageTokenizerConfig) -> Tensor:
+    """PIL images of any mode and size -> FloatTensor (B, C, image_size, image_size) in [-1, 1].
+
+    Transparent pixels are composited onto `config.pad_color`; non-square images are made square by
+    `config.resize_mode` ("center_crop": resize the short side and crop; "pad": resize the long side and letterbox).
+    """
+    if isinstance(images, Image.Image):
+        raise ValueError("preprocess expects a list of PIL images, got a single image; wrap it in a list")
+    if len(images) == 0:
+        raise ValueError("preprocess got an empty list of images")
+    size = config.image_size
+    background = tuple(config.pad_color)
+    resample = RESAMPLE_FILTERS[config.resample]
+    arrays = []
+    for index, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"preprocess expects PIL images; item {index} is {type(image).__name__}")
+        image = _to_8bit_mode(image)
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (*background, 255))
+            image = Image.alpha_composite(canvas, rgba).convert("RGB")
+        else:
+            image = image.convert("RGB")
+        width, height = image.size
+        if config.resize_mode == "center_crop":
+            scale = size / min(width, height)
+            new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+            image = image.resize((new_w, new_h), resample=resample)
+            left, top = (new_w - size) // 2, (new_h - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+        else:
+            scale = size / max(width, height)
+            new_w, new_h = max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale)))
+            canvas = Image.new("RGB", (size, size), background)
+            canvas.paste(image.resize((new_w, new_h), resample=resample), ((size - new_w) // 2, (size - new_h) // 2))
+            image = canvas
+        if config.in_channels == 1:
+            image = image.convert("L")
+        array = np.asarray(image, dtype=np.uint8).reshape(size, size, config.in_channels)
+        arrays.append(array)
+    batch = torch.from_numpy(np.stack(arrays))  # (B, H, W, C) uint8
+    return rearrange(batch, "b h w c -> b c h w").float() / 127.5 - 1.0
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """FloatTensor (B, C, H, W) or (C, H, W) in [-1, 1] (values outside are clamped) -> list of RGB / L images."""
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"to_pil expects (B, C, H, W) or (C, H, W) with C in (1, 3), got shape {tuple(images.shape)}")
+    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    pixels = rearrange(pixels, "b c h w -> b h w c").numpy()
+    if pixels.shape[-1] == 1:
+        return [Image.fromarray(p[..., 0], mode="L") for p in pixels]
+    return [Image.fromarray(p, mode="RGB") for p in pixels]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the tokenizer
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run in eval mode (no EMA updates, no dead-code replacement) and restore the previous mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class VQImageTokenizer(nn.Module):
+    """Conv encoder -> quantizer -> conv decoder, mapping images in [-1, 1] to (h, w) grids of integer codes.
+
+    Example:
+        >>> tok = VQImageTokenizer(ImageTokenizerConfig())
+        >>> codes = tok.encode(tok.preprocess(pil_images))   # (B, 8, 8) int64
+        >>> images = tok.to_pil(tok.decode(codes))
+    """
+
+    def __init__(self, config: ImageTokenizerConfig) -> None:
+        super().__init__()
+        if not isinstance(config, ImageTokenizerConfig):
+            raise ValueError(f"config must be an ImageTokenizerConfig, got {type(config).__name__}")
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = _Quantizer(config)
+        self.decoder = Decoder(config)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.config.codebook_size)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.config.grid
+
+    # ---- checks ------------------------------------------------------------------------------------------------
+
+    def _check_images(self, images: Tensor) -> None:
+        expected = (self.config.in_channels, self.config.image_size, self.config.image_size)
+        if not isinstance(images, Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"expected images of shape (B, {', '.join(map(str, expected))}), got {shape}")
+        if not images.is_floating_point():
+            raise ValueError(f"expected float images in [-1, 1], got dtype {images.dtype} (use preprocess())")
+
+    def _check_codes(self, codes: Tensor) -> None:
+        h, w = self.grid
+        if not isinstance(codes, Tensor) or codes.ndim != 3 or tuple(codes.shape[1:]) != (h, w):
+            shape = tuple(codes.shape) if isinstance(codes, Tensor) else type(codes).__name__
+            raise ValueError(f"expected codes of shape (B, {h}, {w}) for the {h}x{w} grid, got {shape}")
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"expected integer codes, got dtype {codes.dtype}")
+        bad = (codes < 0) | (codes >= self.codebook_size)
+        if bad.any():
+            b, row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"code {int(codes[b, row, col])} at (batch {b}, row {row}, col {col}) is outside "
+                f"[0, {self.codebook_size}); {int(bad.sum())} code(s) out of range"
+            )
+
+    # ---- model -------------------------------------------------------------------------------------------------
+
+    def forward(self, images: Tensor) -> TokenizerOutput:
+        """(B, C, H, W) in [-1, 1] -> TokenizerOutput(recon (B, C, H, W), codes (B, h, w), aux_loss ())."""
+        self._check_images(images)
+        latents = self.encoder(images)  # (B, D, h, w)
+        quantized, codes, aux_loss = self.quantizer(latents)
+        raw = self.decoder(quantized)  # (B, C, H, W), unbounded
+        recon = raw + (raw.clamp(-1.0, 1.0) - raw).detach()  # values clamped, gradient straight through
+        return TokenizerOutput(recon=recon, codes=codes, aux_loss=aux_loss)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """FloatTensor (B, C, H, W) in [-1, 1] -> LongTensor (B, h, w) of codes in [0, codebook_size).
+
+        Runs in eval mode (the quantizer's EMA statistics are not touched) and restores the previous mode.
+        """
+        self._check_images(images)
+        with _eval_mode(self):
+            _, codes, _ = self.quantizer(self.encoder(images))
+        return codes
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        """LongTensor (B, h, w) of codes in [0, codebook_size) -> FloatTensor (B, C, H, W) clamped to [-1, 1]."""
+        self._check_codes(codes)
+        with _eval_mode(self):
+            quantized = self.quantizer.lookup(codes.long())  # (B, D, h, w)
+            return self.decoder(quantized).clamp(-1.0, 1.0)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
+        """List of PIL images -> FloatTensor (B, C, image_size, image_size) in [-1, 1] on this model's device."""
+        return preprocess_images(images, self.config).to(self._device())
+
+    @staticmethod
+    def to_pil(images: Tensor) -> list[Image.Image]:
+        """FloatTensor (B, C, H, W) in [-1, 1] -> list of PIL images."""
+        return to_pil(images)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ---- persistence -------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> dict[str, Any]:
+        """Write `image_tokenizer.safetensors` (weights + quantizer buffers, config in the metadata) and
+        `image_tokenizer.yaml` (the config) into `directory`; return the config dict."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save_weights(directory / WEIGHTS_NAME)
+        config_dict = self.config.to_dict()
+        with open(directory / CONFIG_NAME, "w") as f:
+            yaml.safe_dump(config_dict, f, sort_keys=False)
+        return config_dict
+
+    def save_weights(self, path: str | Path) -> None:
+        """Write weights and quantizer buffers to one safetensors file, with the config in its metadata."""
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        metadata = {"format": "pt", "config": json.dumps(self.config.to_dict())}
+        save_file(tensors, str(path), metadata=metadata)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        config: ImageTokenizerConfig | dict[str, Any] | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> VQImageTokenizer:
+        """Load from a directory written by `save_pretrained` or from a `.safetensors` file.
+
+        `config` defaults to the one stored with the weights. A given config must agree with the stored one on
+        everything that shapes the network or the codes (otherwise ValueError naming each disagreeing field), and
+        its tensors must match the file's names and shapes (otherwise ValueError naming them).
+        """
+        path = Path(path)
+        weights_path = path / WEIGHTS_NAME if path.is_dir() else path
+        if not weights_path.is_file():
+            raise ValueError(f"no tokenizer weights at {weights_path}")
+        stored = _stored_config(weights_path)
+        if config is None:
+            if stored is None:
+                raise ValueError(f"{weights_path} carries no config; pass config= explicitly")
+            config = stored
+        elif isinstance(config, dict):
+            config = ImageTokenizerConfig.from_dict(config)
+        if stored is not None:
+            _check_config_agrees(config, stored)
+        model = cls(config)
+        state = load_file(str(weights_path), device=str(map_location))
+        _check_state_agrees(model, state, config)
+        model.load_state_dict(state, strict=True)
+        return model.to(map_location)
+
+
+def _stored_config(weights_path: Path) -> ImageTokenizerConfig | None:
+    with safe_open(str(weights_path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "config" not in metadata:
+        return None
+    return ImageTokenizerConfig.from_dict(json.loads(metadata["config"]))
+
+
+def _check_config_agrees(config: ImageTokenizerConfig, stored: ImageTokenizerConfig) -> None:
+    problems = []
+    for f in dataclasses.fields(ImageTokenizerConfig):
+        if f.name in _NON_ARCHITECTURE_FIELDS:
+            continue
+        given, saved = getattr(config, f.name), getattr(stored, f.name)
+        if given != saved:
+            problems.append(f"{f.name}: config has {given!r}, weights were saved with {saved!r}")
+    if config.grid != stored.grid:
+        problems.append(f"grid: config gives {config.grid}, weights were saved for {stored.grid}")
+    if problems:
+        raise ValueError("tokenizer config does not match the saved weights: " + "; ".join(problems))
+
+
+def _check_state_agrees(model: nn.Module, state: dict[str, Tensor], config: ImageTokenizerConfig) -> None:
+    expected = model.state_dict()
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    for name in sorted(set(expected) & set(state)):
+        if expected[name].shape != state[name].shape:
+            file_shape, model_shape = tuple(state[name].shape), tuple(expected[name].shape)
+            what = f"{name} has shape {file_shape} in the file, {model_shape} in the model"
+            if name.endswith("_codebook.embed"):
+                what = (
+                    f"codebook_size: the file has {state[name].shape[-2]} codes, config says {config.codebook_size} "
+                    f"({what})"
+                )
+            problems.append(what)
+    if problems:
+        raise ValueError("tokenizer weights do not fit the config: " + "; ".join(problems))

@@ -1,0 +1,29 @@
+"""``chameleon-lite fit|validate|test --config recipe.yaml``: LightningCLI over any LightningModule / DataModule.
+
+Recipes name their classes (``model.class_path``, ``data.class_path``), so one entry point trains the VQ
+tokenizer, the native model and the baseline. ``parser_mode="omegaconf"`` lets a recipe interpolate values
+(``${data.init_args.image_size}``); ``--print_config`` prints a complete recipe to start from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def run_lightning_cli(args: Sequence[str], run: bool = True):
+    """Run LightningCLI on ``args`` (``["fit", "--config", ...]``); with ``run=False`` only parse and instantiate."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=list(args),
+        run=run,
+    )
