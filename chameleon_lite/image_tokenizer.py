@@ -29,9 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from einops import rearrange
 from PIL import Image
@@ -40,17 +38,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
+from chameleon_lite.image_preprocessing import RESAMPLE_FILTERS, RESIZE_MODES, preprocess_images, to_pil
+from chameleon_lite.vq_autoencoder import Decoder, Encoder
+
 WEIGHTS_NAME = "image_tokenizer.safetensors"
 CONFIG_NAME = "image_tokenizer.yaml"
 
 QUANTIZERS = ("vq", "fsq", "lfq")
-RESIZE_MODES = ("center_crop", "pad")
-RESAMPLE_FILTERS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
 DEFAULT_CODEBOOK_SIZE = 1024
 # Settings that only change how the model trains or how PIL images are prepared; `load` accepts them differing
 # from the values stored with the weights. Every other field changes the network or the meaning of the codes.
@@ -209,130 +203,6 @@ class TokenizerOutput(NamedTuple):
     aux_loss: Tensor  # () quantizer loss (commitment / entropy), already weighted; 0 for fsq
 
 
-# --------------------------------------------------------------------------------------------------------------
-# building blocks
-
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, or the largest divisor of `channels` below that."""
-    groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels, eps=1e-6)
-
-
-class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv3x3, twice, plus a (1x1-projected) skip connection."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.norm1 = _group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _group_norm(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all positions of a feature map (VQGAN's mid-block attention)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.norm = _group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W)
-        h, w = x.shape[-2:]
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three c) h w -> three b 1 (h w) c", three=3)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
-        return x + self.proj(rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w))
-
-
-class Downsample(nn.Module):
-    """Stride-2 3x3 convolution."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H/2, W/2)
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 upsampling followed by a 3x3 convolution (no checkerboard artefacts)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, 2H, 2W)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-def _mid_block(config: ImageTokenizerConfig, channels: int) -> nn.Sequential:
-    if not config.mid_block:
-        return nn.Sequential()
-    attention = [AttnBlock(channels)] if config.mid_attention else []
-    return nn.Sequential(ResBlock(channels, channels), *attention, ResBlock(channels, channels))
-
-
-class Encoder(nn.Module):
-    """(B, C, H, W) pixels -> (B, latent_dim, H/f, W/f) continuous latents."""
-
-    def __init__(self, config: ImageTokenizerConfig) -> None:
-        super().__init__()
-        widths = [config.base_channels * m for m in config.channel_mult]
-        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
-        blocks: list[nn.Module] = []
-        channels = widths[0]
-        for level, width in enumerate(widths):
-            for _ in range(config.num_res_blocks):
-                blocks.append(ResBlock(channels, width))
-                channels = width
-            if level < len(widths) - 1:
-                blocks.append(Downsample(channels))
-        self.blocks = nn.Sequential(*blocks)
-        self.mid = _mid_block(config, channels)
-        self.norm_out = _group_norm(channels)
-        self.conv_out = nn.Conv2d(channels, config.latent_dim, 3, padding=1)
-
-    def forward(self, images: Tensor) -> Tensor:
-        x = self.blocks(self.conv_in(images))  # (B, C_last, h, w)
-        x = self.mid(x)
-        return self.conv_out(F.silu(self.norm_out(x)))  # (B, latent_dim, h, w)
-
-
-class Decoder(nn.Module):
-    """(B, latent_dim, h, w) quantized latents -> (B, C, h*f, w*f) pixels (unbounded)."""
-
-    def __init__(self, config: ImageTokenizerConfig) -> None:
-        super().__init__()
-        widths = [config.base_channels * m for m in reversed(config.channel_mult)]
-        channels = widths[0]
-        self.conv_in = nn.Conv2d(config.latent_dim, channels, 3, padding=1)
-        self.mid = _mid_block(config, channels)
-        blocks: list[nn.Module] = []
-        for level, width in enumerate(widths):
-            for _ in range(config.num_res_blocks):
-                blocks.append(ResBlock(channels, width))
-                channels = width
-            if level < len(widths) - 1:
-                blocks.append(Upsample(channels))
-        self.blocks = nn.Sequential(*blocks)
-        self.norm_out = _group_norm(channels)
-        self.conv_out = nn.Conv2d(channels, config.in_channels, 3, padding=1)
-
-    def forward(self, latents: Tensor) -> Tensor:
-        x = self.mid(self.conv_in(latents))  # (B, C_last, h, w)
-        x = self.blocks(x)  # (B, C_first, H, W)
-        return self.conv_out(F.silu(self.norm_out(x)))  # (B, C, H, W)
-
-
 class _Quantizer(nn.Module):
     """The one wrapper over vector-quantize-pytorch: same call signature and outputs whatever `config.quantizer` is.
 
@@ -374,12 +244,6 @@ class _Quantizer(nn.Module):
         h, w = latents.shape[-2:]
         flat = rearrange(latents, "b d h w -> b (h w) d")
         if self.kind == "vq":
-            if not self.training and not bool(self.impl._codebook.initted):
-                # the library would run its (random) k-means init here, in eval mode, changing the codebook
-                raise ValueError(
-                    "the VQ codebook is not initialised yet: k-means init runs on the first training batch; "
-                    "train the tokenizer (or set kmeans_init=False) before encoding"
-                )
             quantized, indices, aux_loss = self.impl(flat)
         elif self.kind == "fsq":
             quantized, indices = self.impl(flat)
@@ -390,6 +254,12 @@ class _Quantizer(nn.Module):
         indices = rearrange(indices.long(), "b (h w) -> b h w", h=h, w=w)
         return quantized, indices, aux_loss.reshape(())
 
+    @property
+    def pending_kmeans_init(self) -> bool:
+        """True while a VQ codebook waits for its k-means init (the library runs it on the next forward, even
+        in eval mode, with random sampling)."""
+        return self.kind == "vq" and not bool(self.impl._codebook.initted)
+
     def lookup(self, indices: Tensor) -> Tensor:
         """(B, h, w) int64 -> (B, D, h, w), the vectors the forward pass would have produced for these indices."""
         h, w = indices.shape[-2:]
@@ -399,80 +269,6 @@ class _Quantizer(nn.Module):
         else:
             vectors = self.impl.indices_to_codes(flat)
         return rearrange(vectors, "b (h w) d -> b d h w", h=h, w=w)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# preprocessing
-
-
-def _to_8bit_mode(image: Image.Image) -> Image.Image:
-    """Bring 16/32-bit integer and float images into 8-bit "L" before colour conversion (PIL would clip them)."""
-    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
-        return image
-    values = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
-        values = values / 257.0  # 16-bit range
-    elif image.mode == "F" and values.max(initial=0) <= 1.0:
-        values = values * 255.0  # float in [0, 1]
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
-
-
-def preprocess_images(images: Sequence[Image.Image], config: ImageTokenizerConfig) -> Tensor:
-    """PIL images of any mode and size -> FloatTensor (B, C, image_size, image_size) in [-1, 1].
-
-    Transparent pixels are composited onto `config.pad_color`; non-square images are made square by
-    `config.resize_mode` ("center_crop": resize the short side and crop; "pad": resize the long side and letterbox).
-    """
-    if isinstance(images, Image.Image):
-        raise ValueError("preprocess expects a list of PIL images, got a single image; wrap it in a list")
-    if len(images) == 0:
-        raise ValueError("preprocess got an empty list of images")
-    size = config.image_size
-    background = tuple(config.pad_color)
-    resample = RESAMPLE_FILTERS[config.resample]
-    arrays = []
-    for index, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"preprocess expects PIL images; item {index} is {type(image).__name__}")
-        image = _to_8bit_mode(image)
-        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            canvas = Image.new("RGBA", rgba.size, (*background, 255))
-            image = Image.alpha_composite(canvas, rgba).convert("RGB")
-        else:
-            image = image.convert("RGB")
-        width, height = image.size
-        if config.resize_mode == "center_crop":
-            scale = size / min(width, height)
-            new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-            image = image.resize((new_w, new_h), resample=resample)
-            left, top = (new_w - size) // 2, (new_h - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-        else:
-            scale = size / max(width, height)
-            new_w, new_h = max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale)))
-            canvas = Image.new("RGB", (size, size), background)
-            canvas.paste(image.resize((new_w, new_h), resample=resample), ((size - new_w) // 2, (size - new_h) // 2))
-            image = canvas
-        if config.in_channels == 1:
-            image = image.convert("L")
-        array = np.asarray(image, dtype=np.uint8).reshape(size, size, config.in_channels)
-        arrays.append(array)
-    batch = torch.from_numpy(np.stack(arrays))  # (B, H, W, C) uint8
-    return rearrange(batch, "b h w c -> b c h w").float() / 127.5 - 1.0
-
-
-def to_pil(images: Tensor) -> list[Image.Image]:
-    """FloatTensor (B, C, H, W) or (C, H, W) in [-1, 1] (values outside are clamped) -> list of RGB / L images."""
-    if images.ndim == 3:
-        images = images.unsqueeze(0)
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"to_pil expects (B, C, H, W) or (C, H, W) with C in (1, 3), got shape {tuple(images.shape)}")
-    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    pixels = rearrange(pixels, "b c h w -> b h w c").numpy()
-    if pixels.shape[-1] == 1:
-        return [Image.fromarray(p[..., 0], mode="L") for p in pixels]
-    return [Image.fromarray(p, mode="RGB") for p in pixels]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -559,6 +355,11 @@ class VQImageTokenizer(nn.Module):
         Runs in eval mode (the quantizer's EMA statistics are not touched) and restores the previous mode.
         """
         self._check_images(images)
+        if self.quantizer.pending_kmeans_init:
+            raise ValueError(
+                "the VQ codebook is not initialised yet: k-means init runs on the first training batch; "
+                "train the tokenizer (or set kmeans_init=False) before encoding"
+            )
         with _eval_mode(self):
             _, codes, _ = self.quantizer(self.encoder(images))
         return codes
