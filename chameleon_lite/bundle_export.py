@@ -22,11 +22,12 @@ import lightning as L
 
 from chameleon_lite.bundle import TokenizerBundle, save_bundle
 from chameleon_lite.data.readers import interleaved_dataset, list_shards, pair_dataset, qa_dataset
-from chameleon_lite.eval.tokenizer_eval import evaluate_image_tokenizer, format_report
+from chameleon_lite.eval.tokenizer_eval import evaluate_image_tokenizer, format_report, reconstruction_grid
 from chameleon_lite.text_tokenizer import TextTokenizer
 from chameleon_lite.vocab import Vocab
 
 QUALITY_FILE = "quality.json"
+GRID_FILE = "reconstructions.png"
 
 
 def shard_texts(patterns: Sequence[str]) -> Iterator[str]:
@@ -101,6 +102,9 @@ class ExportTokenizerBundle(L.Callback):
             images = (s["image"] for s in islice(pair_dataset(self.eval_shards, require_text=False), self.eval_images))
             quality.update(evaluate_image_tokenizer(model, images, world=world_config, total=self.eval_images))
         save_bundle(bundle, self.out_dir, readme=bundle_readme(bundle, quality, command=_command_line()))
+        if self.eval_shards:
+            first = [s["image"] for s in islice(pair_dataset(self.eval_shards, require_text=False), 12)]
+            reconstruction_grid(model, first, world=world_config).save(self.out_dir / GRID_FILE)
         (self.out_dir / QUALITY_FILE).write_text(json.dumps(quality, indent=2) + "\n")
         print(f"tokenizer bundle written to {self.out_dir}\n{format_report(quality)}")
 
@@ -131,4 +135,6 @@ def bundle_readme(bundle: TokenizerBundle, quality: dict, command: str = "") -> 
     if command:
         lines += ["## Recipe", "", "```bash", command, "```", ""]
     lines += ["## Measured quality", "", "```", format_report(quality), "```", ""]
+    lines += ["Originals (top) and reconstructions (bottom); green: the scene parser reads the same objects.", ""]
+    lines += [f"![reconstructions]({GRID_FILE})", ""]
     return "\n".join(lines)

@@ -60,6 +60,12 @@ def _eval_tokenizer(args: argparse.Namespace) -> int:
     images = (s["image"] for s in islice(dataset, args.limit))
     metrics = evaluate_image_tokenizer(bundle.image_tokenizer, images, world=world, batch_size=args.batch_size)
     print(format_report(metrics))
+    if args.grid:
+        from chameleon_lite.eval.tokenizer_eval import reconstruction_grid
+
+        first = [s["image"] for s in islice(pair_dataset(args.shards, require_text=False), 12)]
+        reconstruction_grid(bundle.image_tokenizer, first, world=world).save(args.grid)
+        print(f"reconstruction grid written to {args.grid}")
     dataset.log_summary()
     return 0
 
@@ -106,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--world", help="world.yaml of a shapes world: adds scene-parser agreement")
     ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
     ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--grid", help="also write originals over reconstructions (the first 12 images) to this PNG")
     ev.set_defaults(func=_eval_tokenizer)
 
     tok = sub.add_parser("tokenize", help="pre-tokenize raw shards (pairs, QA, docs) into token shards")

@@ -100,3 +100,33 @@ def format_report(metrics: dict[str, float], keys: Sequence[str] | None = None) 
         v = metrics[k]
         lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def reconstruction_grid(model, images: Sequence[Image.Image], *, world=None, scale: int = 3) -> Image.Image:
+    """Originals (top row) over their reconstructions (bottom row), upscaled ``scale``x with nearest neighbour.
+
+    With a shapes-world ``world`` config, a green bar under a reconstruction means the scene parser reads the same
+    objects from it as from the original, a red bar that it does not.
+    """
+    from PIL import ImageDraw
+
+    x = model.preprocess(list(images))
+    originals, rebuilt = model.to_pil(x), model.to_pil(model.decode(model.encode(x)))
+    w, h = originals[0].size
+    bar = 3 if world is not None else 0
+    pad = 2
+    sheet = Image.new("RGB", (len(originals) * (w + pad) * scale, (2 * h + pad + bar) * scale), (128, 128, 128))
+    draw = ImageDraw.Draw(sheet)
+    if world is not None:
+        from chameleon_lite.data.parser import parse_scene
+    for i, (orig, rec) in enumerate(zip(originals, rebuilt)):
+        left = i * (w + pad) * scale
+        sheet.paste(orig.resize((w * scale, h * scale), Image.Resampling.NEAREST), (left, 0))
+        sheet.paste(rec.resize((w * scale, h * scale), Image.Resampling.NEAREST), (left, (h + pad) * scale))
+        if world is not None:
+            same = Counter(parse_scene(orig, world)) == Counter(parse_scene(rec, world))
+            top = (2 * h + pad) * scale
+            colour = (0, 170, 0) if same else (220, 0, 0)
+            draw.rectangle([left, top, left + w * scale - 1, top + bar * scale - 1], fill=colour)
+    return sheet
