@@ -85,6 +85,14 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from chameleon_lite.pretrained import export_checkpoint
+
+    out = export_checkpoint(args.ckpt, args.out)
+    print(f"model directory written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chameleon-lite", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"chameleon-lite {__version__}")
@@ -122,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--batch-size", type=int, default=256, help="images per VQ encoder batch")
     tok.add_argument("--num-workers", type=int, default=2, help="processes decoding images and text")
     tok.set_defaults(func=_tokenize)
+
+    exp = sub.add_parser("export", help="write a model directory (config.yaml, model.safetensors, tokenizer/)")
+    exp.add_argument("--ckpt", required=True, help="Lightning checkpoint of a native model run")
+    exp.add_argument("--out", required=True, help="model directory to write")
+    exp.set_defaults(func=_export)
 
     for name in LIGHTNING_SUBCOMMANDS:  # listed for --help; parsed by LightningCLI
         sub.add_parser(name, help=f"LightningCLI {name} (see chameleon-lite {name} --help)", add_help=False)

@@ -27,3 +27,27 @@ def run_lightning_cli(args: Sequence[str], run: bool = True):
         args=list(args),
         run=run,
     )
+
+
+def parse_recipe(path: str):
+    """Parse and type-check a recipe without instantiating anything (GPU recipes can be checked on a CPU machine).
+
+    Returns the parsed ``jsonargparse.Namespace``; unknown keys and wrong types raise.
+    """
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    class _ParseOnly(LightningCLI):
+        def instantiate_classes(self) -> None:  # parsing already validated every class_path and init_args
+            pass
+
+    cli = _ParseOnly(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        args=["--config", str(path)],
+        run=False,
+    )
+    return cli.config

@@ -17,7 +17,6 @@ Notable choices:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +29,7 @@ from torch import Tensor, nn
 from chameleon_lite.eval.image_metrics import code_histogram, histogram_metrics, psnr, ssim
 from chameleon_lite.image_tokenizer import ImageTokenizerConfig, VQImageTokenizer, to_pil
 from chameleon_lite.patch_discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
-
-
-def _warmup_cosine(warmup_steps: int, decay_steps: int | None, min_lr_ratio: float):
-    """LR factor: linear warm-up, then cosine decay to ``min_lr_ratio`` at ``decay_steps`` (constant if None)."""
-
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if not decay_steps or decay_steps <= warmup_steps:
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / (decay_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+from chameleon_lite.schedules import warmup_cosine
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -220,7 +206,7 @@ class VQTokenizerModule(L.LightningModule):
         opt_g = torch.optim.AdamW(
             _param_groups(self.tokenizer, self.hparams.weight_decay), lr=self.hparams.lr, betas=betas
         )
-        schedule = _warmup_cosine(self.hparams.warmup_steps, self._decay_steps(), self.hparams.min_lr_ratio)
+        schedule = warmup_cosine(self.hparams.warmup_steps, self._decay_steps(), self.hparams.min_lr_ratio)
         sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, schedule)
         if not self.use_gan:
             return {"optimizer": opt_g, "lr_scheduler": {"scheduler": sched_g, "interval": "step"}}

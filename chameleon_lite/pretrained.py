@@ -1,0 +1,408 @@
+"""Model directories: what a trained native model exports to, and the only thing the generation API loads.
+
+A model directory holds::
+
+    config.yaml          format version, kind, tokenizer bundle name, the DecoderConfig (schema: ModelDirConfig)
+    model.safetensors    decoder weights only (tied output head stored once, as ``embed_tokens.weight``)
+    tokenizer/           a copy of the tokenizer bundle (``save_bundle``)
+
+Writing is atomic: everything goes into a temporary directory beside ``out_dir`` that is renamed into place, so
+a reader never sees a half-written model. Reading validates everything and names the file at fault: missing
+files, unknown or mistyped config keys, weights whose names or shapes disagree with ``config.yaml``, a
+vocabulary size that disagrees with the bundle. Nothing here unpickles anything (Lightning checkpoints are read
+with ``torch.load(weights_only=True)``) and nothing imports Lightning, so ``ChameleonLite.from_pretrained`` works
+in a plain PyTorch process. The Lightning callback ``ExportModelDir`` lives in ``lit_native`` (it is also
+reachable as ``chameleon_lite.pretrained.ExportModelDir``, imported on first use).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from chameleon_lite.bundle import TokenizerBundle, load_bundle, save_bundle
+from chameleon_lite.model import Decoder, DecoderConfig
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1
+KIND = "native"
+_TIED_HEAD_KEY = "lm_head.weight"  # not stored when tie_embeddings (it is embed_tokens.weight)
+
+
+@dataclass
+class ModelDirConfig:
+    """Schema of a model directory's ``config.yaml``.
+
+    Args:
+        tokenizer: name of the tokenizer bundle stored in ``tokenizer/`` (checked on load).
+        decoder: the decoder's shape and switches.
+        format_version: layout version of the directory.
+        kind: ``"native"`` (the early-fusion model over one vocabulary).
+        trained_steps: optimizer steps the weights were trained for, when known.
+    """
+
+    tokenizer: str = MISSING
+    decoder: DecoderConfig = MISSING
+    format_version: int = FORMAT_VERSION
+    kind: str = KIND
+    trained_steps: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------- config
+def load_model_config(file: str | Path) -> ModelDirConfig:
+    """Parse and validate ``config.yaml`` (typed; unknown keys, wrong types and bad values raise naming the file)."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"model config not found: {file}")
+    try:
+        loaded = OmegaConf.load(file)
+        if not OmegaConf.is_dict(loaded):
+            raise ValueError("top level must be a mapping")
+        merged = OmegaConf.merge(OmegaConf.structured(ModelDirConfig), loaded)
+        config = OmegaConf.to_object(merged)  # runs DecoderConfig.__post_init__ (value checks, derived fields)
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ValueError(f"{file} is malformed: {err}") from err
+    except Exception as err:  # yaml.YAMLError and friends
+        raise ValueError(f"{file} is not valid YAML: {err}") from err
+    if config.format_version != FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {config.format_version} is not supported (only {FORMAT_VERSION})")
+    if config.kind != KIND:
+        raise ValueError(f"{file}: kind={config.kind!r}; this loader reads {KIND!r} model directories")
+    return config
+
+
+def resolve_bundle_path(path: str | Path) -> Path:
+    """A bundle path as given, or, when it is relative and absent, relative to the repository root.
+
+    Lets ``tokenizer: tokenizers/shapes-64`` (the default of the native module) work from any directory in an
+    editable install. The returned path may not exist; ``load_bundle`` then names it.
+    """
+    path = Path(path)
+    if path.is_dir() or path.is_absolute():
+        return path
+    in_repo = Path(__file__).resolve().parents[1] / path
+    return in_repo if in_repo.is_dir() else path
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def decoder_state_dict(decoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The decoder's weights as contiguous CPU tensors; a tied output head is left out (safetensors has no aliases)."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in decoder.state_dict().items()}
+    if decoder.config.tie_embeddings:
+        state.pop(_TIED_HEAD_KEY, None)
+    return state
+
+
+def expected_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor ``model.safetensors`` must hold for ``config`` (built on the meta device)."""
+    with torch.device("meta"):
+        decoder = Decoder(config)
+    shapes = {k: tuple(v.shape) for k, v in decoder.state_dict().items()}
+    if config.tie_embeddings:
+        shapes.pop(_TIED_HEAD_KEY, None)
+    return shapes
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], config: DecoderConfig, source: str) -> None:
+    """Raise ``ValueError`` naming every missing, unexpected or mis-shaped tensor of ``state`` for ``config``."""
+    want = expected_shapes(config)
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} in {source} vs {want[k]} from the config"
+        for k in sorted(set(want) & set(state))
+        if tuple(state[k].shape) != want[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    if wrong:
+        problems.append("shape mismatches: " + "; ".join(wrong))
+    if problems:
+        raise ValueError(f"weights in {source} do not match the decoder config: " + ". ".join(problems))
+
+
+def load_decoder(config: DecoderConfig, weights_file: str | Path, device: torch.device | str = "cpu") -> Decoder:
+    """Build a decoder for ``config`` and fill it from a safetensors file (checked first by ``check_state_dict``)."""
+    weights_file = Path(weights_file)
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"decoder weights not found: {weights_file}")
+    try:
+        state = load_file(weights_file, device=str(device))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights_file} is not a readable safetensors file: {err}") from err
+    check_state_dict(state, config, str(weights_file))
+    with torch.device(device):
+        decoder = Decoder(config)
+    decoder.load_state_dict(state, strict=not config.tie_embeddings)  # tied: lm_head.weight IS embed_tokens.weight
+    return decoder.eval()
+
+
+# ---------------------------------------------------------------------------------------------- export
+def _as_bundle(bundle: TokenizerBundle | str | Path) -> tuple[TokenizerBundle, str | None]:
+    """A loaded bundle and the README text to copy with it (None: ``save_bundle`` writes its default)."""
+    if isinstance(bundle, TokenizerBundle):
+        return bundle, None
+    path = resolve_bundle_path(bundle)
+    loaded = load_bundle(path)
+    readme = path / "README.md"
+    return loaded, readme.read_text(encoding="utf-8") if readme.is_file() else None
+
+
+def write_model_dir(
+    state: Mapping[str, torch.Tensor],
+    config: DecoderConfig,
+    bundle: TokenizerBundle | str | Path,
+    out_dir: str | Path,
+    *,
+    trained_steps: int | None = None,
+) -> Path:
+    """Write a model directory from decoder weights ``state`` (names as in ``Decoder.state_dict()``).
+
+    ``bundle`` is a ``TokenizerBundle`` or a bundle directory. ``out_dir`` is replaced atomically if it already
+    holds a model directory (or is empty); any other existing path raises ``FileExistsError``.
+    """
+    out_dir = Path(out_dir)
+    bundle, readme = _as_bundle(bundle)
+    if config.vocab_size != bundle.vocab.size:
+        raise ValueError(
+            f"decoder vocab_size={config.vocab_size} but tokenizer bundle {bundle.name!r} has {bundle.vocab.size} ids"
+        )
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    if config.tie_embeddings:
+        state.pop(_TIED_HEAD_KEY, None)
+    check_state_dict(state, config, "the exported state dict")
+    if out_dir.exists() and not _replaceable(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a model directory; refusing to overwrite it")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        dir_config = ModelDirConfig(tokenizer=bundle.name, decoder=config, trained_steps=trained_steps)
+        OmegaConf.save(OmegaConf.structured(dir_config), tmp / CONFIG_FILE)
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "kind": KIND})
+        save_bundle(bundle, tmp / TOKENIZER_DIR, readme=readme)
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("model directory written to %s", out_dir)
+    return out_dir
+
+
+def export_model_dir(
+    module_or_decoder: nn.Module,
+    bundle: TokenizerBundle | str | Path,
+    out_dir: str | Path,
+    *,
+    trained_steps: int | None = None,
+) -> Path:
+    """Write the model directory of a ``Decoder`` or of a module holding one as ``.decoder`` (``NativeLMModule``).
+
+    Args:
+        module_or_decoder: the trained decoder, or a module with a ``decoder`` attribute.
+        bundle: the tokenizer bundle the decoder was trained with (object or directory).
+        out_dir: the model directory to write (atomically replaced if it is one already).
+        trained_steps: recorded in ``config.yaml`` (default: the module's ``global_step`` when it has a trainer).
+    """
+    decoder = module_or_decoder
+    if not isinstance(decoder, Decoder):
+        decoder = getattr(module_or_decoder, "decoder", None)
+    if not isinstance(decoder, Decoder):
+        raise ValueError(f"expected a Decoder or a module with a .decoder, got {type(module_or_decoder).__name__}")
+    if trained_steps is None and getattr(module_or_decoder, "_trainer", None) is not None:
+        trained_steps = int(module_or_decoder.global_step)
+    return write_model_dir(decoder_state_dict(decoder), decoder.config, bundle, out_dir, trained_steps=trained_steps)
+
+
+def export_checkpoint(
+    ckpt_path: str | Path, out_dir: str | Path, *, tokenizer: str | Path | TokenizerBundle | None = None
+) -> Path:
+    """Write a model directory from a ``NativeLMModule`` Lightning checkpoint (``chameleon-lite export``).
+
+    The checkpoint is read with ``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and plain
+    containers. The decoder config comes from the saved hyper-parameters (``model``), the bundle from
+    ``tokenizer`` (default: the ``tokenizer`` hyper-parameter, a bundle directory).
+    """
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{ckpt_path} holds objects that weights_only loading refuses (hyper-parameters must be plain types): "
+            f"{err}"
+        ) from err
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("model"), dict) or "tokenizer" not in hparams:
+        raise ValueError(f"{ckpt_path} is not a NativeLMModule checkpoint (no 'model'/'tokenizer' hyper-parameters)")
+    try:
+        config = DecoderConfig(**hparams["model"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{ckpt_path}: bad decoder config in hyper_parameters['model']: {err}") from err
+    prefixes = ("decoder._orig_mod.", "decoder.")  # the first: a decoder wrapped by torch.compile()
+    state = {}
+    for key, value in ckpt.get("state_dict", {}).items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                state[key[len(prefix) :]] = value
+                break
+    if not state:
+        raise ValueError(f"{ckpt_path} has no decoder weights (no 'decoder.*' entries in its state_dict)")
+    bundle = tokenizer if tokenizer is not None else hparams["tokenizer"]
+    steps = ckpt.get("global_step")
+    return write_model_dir(state, config, bundle, out_dir, trained_steps=int(steps) if steps is not None else None)
+
+
+def _replaceable(path: Path) -> bool:
+    return path.is_dir() and ((path / CONFIG_FILE).is_file() or not any(path.iterdir()))
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first and removed afterwards."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old.rmdir()
+        out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except BaseException:
+        if old is not None:
+            old.rename(out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+class ChameleonLite(nn.Module):
+    """A trained native model: the decoder plus the tokenizer bundle it reads and writes.
+
+    Attributes:
+        decoder: the early-fusion ``Decoder`` (in eval mode after ``from_pretrained``).
+        bundle: the ``TokenizerBundle`` (text tokenizer, vocabulary, VQ image tokenizer).
+        vocab: ``bundle.vocab``.
+        config: the parsed ``config.yaml`` (``ModelDirConfig``; the decoder's is ``config.decoder``).
+        image_tokenizer: ``bundle.image_tokenizer`` registered as a sub-module so ``.to()`` moves it too.
+    """
+
+    def __init__(self, decoder: Decoder, bundle: TokenizerBundle, config: ModelDirConfig) -> None:
+        super().__init__()
+        if decoder.config.vocab_size != bundle.vocab.size:
+            raise ValueError(f"decoder vocab_size={decoder.config.vocab_size} != bundle vocabulary {bundle.vocab.size}")
+        self.decoder = decoder
+        self.image_tokenizer = bundle.image_tokenizer
+        self.bundle = bundle
+        self.vocab = bundle.vocab
+        self.config = config
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> ChameleonLite:
+        """Load a model directory (see the module docstring); ``dtype`` casts the decoder (the VQ model stays fp32)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory not found: {path}")
+        missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR) if not (path / name).exists()]
+        if missing:
+            raise FileNotFoundError(f"model directory {path} is missing {', '.join(missing)}")
+        config = load_model_config(path / CONFIG_FILE)
+        bundle = load_bundle(path / TOKENIZER_DIR)
+        if bundle.name != config.tokenizer:
+            raise ValueError(
+                f"{path / CONFIG_FILE} names tokenizer {config.tokenizer!r} but {path / TOKENIZER_DIR} holds "
+                f"bundle {bundle.name!r}"
+            )
+        if config.decoder.vocab_size != bundle.vocab.size:
+            raise ValueError(
+                f"{path / CONFIG_FILE}: decoder.vocab_size={config.decoder.vocab_size} but the bundle in "
+                f"{path / TOKENIZER_DIR} has {bundle.vocab.size} ids"
+            )
+        decoder = load_decoder(config.decoder, path / WEIGHTS_FILE, device=device)
+        if dtype is not None:
+            decoder = decoder.to(dtype)
+        model = cls(decoder, bundle, config).to(device)
+        return model.eval()
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write this model as a model directory (atomic; see ``write_model_dir``)."""
+        return export_model_dir(self.decoder, self.bundle, out_dir, trained_steps=self.config.trained_steps)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
+    def forward(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """``Decoder.forward`` unchanged: logits ``(B, T, padded_vocab_size)`` (see its docstring for kwargs)."""
+        return self.decoder(input_ids, **kwargs)
+
+    @torch.inference_mode()
+    def logits(
+        self,
+        input_ids: torch.Tensor | list[int],
+        *,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits over the real vocabulary, ``(B, T, vocab.size)`` (a 1-D input gives ``(1, T, ...)``).
+
+        Inputs are moved to the model's device; padded vocabulary columns are dropped.
+        """
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        if ids.dim() == 1:
+            ids = ids[None]  # (1, T)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab.size):
+            raise ValueError(f"input ids must lie in [0, {self.vocab.size}); got min {ids.min()}, max {ids.max()}")
+        kwargs = {
+            name: t.to(self.device)[None] if t.dim() == 1 else t.to(self.device)
+            for name, t in (("position_ids", position_ids), ("document_ids", document_ids))
+            if t is not None
+        }
+        return self.decoder(ids, **kwargs)[..., : self.vocab.size]  # (B, T, V)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ExportModelDir":  # the Lightning callback; importing it imports Lightning
+        from chameleon_lite.lit_native import ExportModelDir
+
+        return ExportModelDir
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "TOKENIZER_DIR",
+    "ChameleonLite",
+    "ModelDirConfig",
+    "check_state_dict",
+    "decoder_state_dict",
+    "export_checkpoint",
+    "export_model_dir",
+    "load_decoder",
+    "load_model_config",
+    "resolve_bundle_path",
+    "write_model_dir",
+]
