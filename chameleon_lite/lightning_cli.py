@@ -14,9 +14,12 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 def run_lightning_cli(args: Sequence[str], run: bool = True):
     """Run LightningCLI on ``args`` (``["fit", "--config", ...]``); with ``run=False`` only parse and instantiate."""
+    import sys
+
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
+    args = list(args)
     return LightningCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -24,7 +27,7 @@ def run_lightning_cli(args: Sequence[str], run: bool = True):
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
-        args=list(args),
+        args=None if args == sys.argv[1:] else args,  # from the console script: let LightningCLI read sys.argv
         run=run,
     )
 
