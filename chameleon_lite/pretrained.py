@@ -382,6 +382,29 @@ class ChameleonLite(nn.Module):
         }
         return self.decoder(ids, **kwargs)[..., : self.vocab.size]  # (B, T, V)
 
+    # ------------------------------------------------------------------ generation (chameleon_lite.generation)
+    @property
+    def image_code_cache(self) -> Any:
+        """Codes of prompt images already encoded, keyed by a hash of their pixels (``generation.ImageCodeCache``)."""
+        cache = self.__dict__.get("_image_code_cache")
+        if cache is None:
+            from chameleon_lite.generation import ImageCodeCache
+
+            cache = self.__dict__["_image_code_cache"] = ImageCodeCache()
+        return cache
+
+    def generate(self, prompts: Any, **kwargs: Any) -> list:
+        """Text and/or images for one prompt or a batch; see ``chameleon_lite.generation.generate`` for arguments."""
+        from chameleon_lite.generation import generate
+
+        return generate(self, prompts, **kwargs)
+
+    def stream(self, prompts: Any, **kwargs: Any) -> Any:
+        """Like ``generate`` but yields text pieces and images as they come (``chameleon_lite.generation.stream``)."""
+        from chameleon_lite.generation import stream
+
+        return stream(self, prompts, **kwargs)
+
 
 def __getattr__(name: str) -> Any:
     if name == "ExportModelDir":  # the Lightning callback; importing it imports Lightning
