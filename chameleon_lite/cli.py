@@ -93,6 +93,51 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from chameleon_lite import ChameleonLite
+
+    model = ChameleonLite.from_pretrained(args.model)
+    segments: list = []
+    for path in args.image or []:
+        try:
+            with Image.open(path) as im:
+                segments.append(im.convert("RGB"))
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"--image {path}: cannot read it as an image ({err})") from err
+    if args.prompt:
+        segments.append(args.prompt)
+    if not segments:
+        raise SystemExit("give --prompt and/or --image")
+    out = model.generate(
+        segments,
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        image_temperature=args.image_temperature,
+        image_top_k=args.image_top_k,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+    )
+    out_dir = Path(args.out)
+    n_images = 0
+    for segment in out:
+        if isinstance(segment, str):
+            print(segment)
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / f"image-{n_images}.png"
+            segment.save(path)
+            n_images += 1
+            print(f"[image: {path}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chameleon-lite", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"chameleon-lite {__version__}")
@@ -135,6 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--ckpt", required=True, help="Lightning checkpoint of a native model run")
     exp.add_argument("--out", required=True, help="model directory to write")
     exp.set_defaults(func=_export)
+
+    gen = sub.add_parser("generate", help="generate text, images or both with a model directory")
+    gen.add_argument("--model", required=True, help="model directory (config.yaml, model.safetensors, tokenizer/)")
+    gen.add_argument("--prompt", help="text of the prompt (a question when an --image is given)")
+    gen.add_argument("--image", action="append", help="prompt image (repeatable); it comes before the text")
+    gen.add_argument("--mode", default="text", choices=["text", "image", "interleaved"])
+    gen.add_argument("--out", default="generated", help="directory for generated images")
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="default: 64 text tokens, or one image")
+    gen.add_argument("--temperature", type=float, default=0.0, help="text sampling temperature (0 = greedy)")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--image-temperature", type=float, default=1.0, help="image-code temperature (0 = greedy)")
+    gen.add_argument("--image-top-k", type=int, default=0)
+    gen.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance for images (>= 1)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=_generate)
 
     for name in LIGHTNING_SUBCOMMANDS:  # listed for --help; parsed by LightningCLI
         sub.add_parser(name, help=f"LightningCLI {name} (see chameleon-lite {name} --help)", add_help=False)
