@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -335,3 +336,27 @@ def test_high_level_errors(tiny_model, prompts, kwargs: dict, name: str) -> None
         generate(tiny_model, prompts, **kwargs)
     with pytest.raises(ValueError, match=name):
         stream(tiny_model, prompts, **kwargs)  # validated at call time, not on first next()
+
+
+def test_cli_generate_writes_text_and_images(tmp_path, capsys) -> None:
+    """`chameleon-lite generate` on an exported (random, tiny) model: text to stdout, images as PNG files."""
+    from chameleon_lite.bundle import load_bundle
+    from chameleon_lite.cli import main
+    from chameleon_lite.pretrained import export_model_dir
+
+    bundle = load_bundle(Path(__file__).resolve().parents[1] / "tokenizers" / "shapes-64")
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(vocab_size=bundle.vocab.size, d_model=32, n_layers=1, n_heads=2, max_seq_len=160))
+    export_model_dir(decoder, bundle, tmp_path / "model")
+    render = Image.new("RGB", (64, 64), "white")
+    render.save(tmp_path / "scene.png")
+    assert main(["generate", "--model", str(tmp_path / "model"), "--mode", "image", "--prompt", "a red circle",
+                 "--cfg-scale", "2", "--out", str(tmp_path / "out")]) == 0
+    (png,) = (tmp_path / "out").glob("*.png")
+    assert Image.open(png).size == (64, 64)
+    assert main(["generate", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "scene.png"),
+                 "--prompt", "How many objects are there?", "--max-new-tokens", "5"]) == 0
+    assert "[image" not in capsys.readouterr().out.splitlines()[-1]  # text mode prints text, never an image
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match="bad.png"):
+        main(["generate", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "bad.png")])
