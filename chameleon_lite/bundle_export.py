@@ -21,7 +21,8 @@ from pathlib import Path
 import lightning as L
 
 from chameleon_lite.bundle import TokenizerBundle, save_bundle
-from chameleon_lite.data.readers import interleaved_dataset, list_shards, pair_dataset, qa_dataset
+from chameleon_lite.data.pretokenize import shards_by_kind
+from chameleon_lite.data.readers import interleaved_dataset, pair_dataset, qa_dataset
 from chameleon_lite.eval.tokenizer_eval import evaluate_image_tokenizer, format_report, reconstruction_grid
 from chameleon_lite.text_tokenizer import TextTokenizer
 from chameleon_lite.vocab import Vocab
@@ -33,21 +34,20 @@ GRID_FILE = "reconstructions.png"
 def shard_texts(patterns: Sequence[str]) -> Iterator[str]:
     """Every piece of text in pair (``pairs-*``), QA (``qa-*``) and document (``docs-*``) shards.
 
-    The kind of a shard set is read from its file names; anything else is read as image–caption pairs.
+    Each shard is read by its kind (``shard_kind``: from its file name; anything else is image–caption pairs).
     """
     for pattern in patterns:
-        shards = list_shards(pattern)
-        names = {Path(s).name.split("-")[0] for s in shards}
-        if names == {"qa"}:
-            for s in qa_dataset(shards):
-                yield s["question"]
-                yield s["answer"]
-        elif names == {"docs"}:
-            for s in interleaved_dataset(shards):
-                yield from (seg for seg in s["segments"] if isinstance(seg, str))
-        else:
-            for s in pair_dataset(shards):
-                yield s["text"]
+        for kind, shards in shards_by_kind(pattern).items():
+            if kind == "qa":
+                for s in qa_dataset(shards):
+                    yield s["question"]
+                    yield s["answer"]
+            elif kind == "doc":
+                for s in interleaved_dataset(shards):
+                    yield from (seg for seg in s["segments"] if isinstance(seg, str))
+            else:
+                for s in pair_dataset(shards):
+                    yield s["text"]
 
 
 class ExportTokenizerBundle(L.Callback):

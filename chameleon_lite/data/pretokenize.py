@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,25 @@ _KIND_PREFIX = {"pair": "pairs", "qa": "qa", "doc": "docs"}
 def shard_kind(shard: str) -> str:
     """``qa`` for ``qa-*.tar``, ``doc`` for ``docs-*.tar``, else ``pair`` (img2dataset's ``00000.tar`` included)."""
     return _PREFIX_KIND.get(Path(shard).name.split("-")[0], "pair")
+
+
+def shards_by_kind(shards: str | list[str]) -> dict[str, list[str]]:
+    """Expand a shard pattern and group the shards by :func:`shard_kind`, keeping their order."""
+    groups: dict[str, list[str]] = {}
+    for shard in list_shards(shards):
+        groups.setdefault(shard_kind(shard), []).append(shard)
+    return groups
+
+
+def token_record(bundle: TokenizerBundle) -> dict[str, Any]:
+    """What ``tokens.yaml`` says about the bundle that made a set of token shards (checked by the trainer)."""
+    return {
+        "bundle": bundle.name,
+        "image_grid": list(bundle.image_grid),
+        "codebook_size": bundle.vocab.codebook_size,
+        "vocab_size": bundle.vocab.size,
+        "n_text": bundle.vocab.n_text,
+    }
 
 
 class _Prepared(IterableDataset):
@@ -125,11 +145,8 @@ def tokenize_shards(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out)
     _write_record(bundle, out)
-    groups: dict[str, list[str]] = {}
-    for shard in list_shards(shards):
-        groups.setdefault(shard_kind(shard), []).append(shard)
     total = TokenizeStats()
-    for kind, shard_list in groups.items():
+    for kind, shard_list in shards_by_kind(shards).items():
         stats = _tokenize_kind(bundle, kind, shard_list, out, batch_size, num_workers, shard_size, progress)
         total.samples += stats.samples
         total.images += stats.images
@@ -147,35 +164,23 @@ def _tokenize_kind(bundle, kind, shard_list, out, batch_size, num_workers, shard
     def records() -> Iterator[dict[str, Any]]:
         pending: list[dict[str, Any]] = []
         n_images = 0
-        for sample in loader:
-            pending.append(sample)
-            n_images += sample["pixels"].shape[0]
-            if n_images >= batch_size:
+        for sample in chain(loader, [None]):  # None: flush what is pending at the end
+            if sample is not None:
+                pending.append(sample)
+                n_images += sample["pixels"].shape[0]
+            if pending and (sample is None or n_images >= batch_size):
                 stats.images += n_images
+                stats.samples += len(pending)
                 yield from _encode_pending(model, pending)
                 pending, n_images = [], 0
-        if pending:
-            stats.images += n_images
-            yield from _encode_pending(model, pending)
 
-    def counted():
-        for r in records():
-            stats.samples += 1
-            yield r
-
-    write_shards(counted(), out, prefix=_KIND_PREFIX[kind], max_count=shard_size, progress=progress, overwrite=True)
+    write_shards(records(), out, prefix=_KIND_PREFIX[kind], max_count=shard_size, progress=progress, overwrite=True)
     stats.seconds = time.perf_counter() - start
     return stats
 
 
 def _write_record(bundle: TokenizerBundle, out: Path) -> None:
-    record = {
-        "bundle": bundle.name,
-        "image_grid": list(bundle.image_grid),
-        "codebook_size": bundle.vocab.codebook_size,
-        "vocab_size": bundle.vocab.size,
-        "n_text": bundle.vocab.n_text,
-    }
+    record = token_record(bundle)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RECORD_FILE
     if path.exists():

@@ -47,7 +47,7 @@ import torch
 from omegaconf import OmegaConf
 
 from chameleon_lite.bundle import TokenizerBundle
-from chameleon_lite.data.pretokenize import KINDS, RECORD_FILE
+from chameleon_lite.data.pretokenize import KINDS, RECORD_FILE, token_record
 from chameleon_lite.data.readers import list_shards
 from chameleon_lite.vocab import Vocab
 
@@ -101,18 +101,12 @@ class TokenDocuments:
         return lens.max(axis=1)
 
 
-def expected_token_record(bundle: TokenizerBundle) -> dict[str, Any]:
-    """What ``tokens.yaml`` must say for shards made with ``bundle`` (as ``chameleon-lite tokenize`` writes it)."""
-    return {"bundle": bundle.name, "image_grid": list(bundle.image_grid), "codebook_size": bundle.vocab.codebook_size,
-            "vocab_size": bundle.vocab.size, "n_text": bundle.vocab.n_text}
-
-
 def check_token_record(token_dir: Path, bundle: TokenizerBundle) -> str:
     """Raise ValueError naming the first ``tokens.yaml`` field that disagrees with ``bundle``; return its text."""
     path = token_dir / RECORD_FILE
     text = path.read_text(encoding="utf-8")
     record = OmegaConf.to_container(OmegaConf.create(text))
-    for name, want in expected_token_record(bundle).items():
+    for name, want in token_record(bundle).items():
         have = record.get(name) if isinstance(record, dict) else None
         if have != want:
             raise ValueError(f"{path}: {name}={have!r} but the tokenizer bundle {bundle.name!r} has {name}={want!r}; "
