@@ -15,6 +15,7 @@ bundle (name, grid, codebook, vocabulary size) so the trainer can refuse shards 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ KINDS = ("pair", "qa", "doc")
 
 _PREFIX_KIND = {"qa": "qa", "docs": "doc"}
 _KIND_PREFIX = {"pair": "pairs", "qa": "qa", "doc": "docs"}
+_KNOWN_MAX = 8192  # codes of recently seen images kept for reuse
 
 
 def shard_kind(shard: str) -> str:
@@ -107,10 +109,23 @@ class TokenizeStats:
         return self.images / self.seconds if self.seconds else 0.0
 
 
-def _encode_pending(model, pending: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Encode all images of ``pending`` samples in one VQ batch and yield the finished token samples."""
+def _encode_pending(model, pending: list[dict[str, Any]], known: dict[bytes, list[int]]) -> Iterator[dict[str, Any]]:
+    """Encode the images of ``pending`` samples in one VQ batch and yield the finished token samples.
+
+    Identical images (a scene's QA samples share its picture) are encoded once: ``known`` maps a hash of the
+    preprocessed pixels to codes and carries over between batches (cleared when it grows past ``_KNOWN_MAX``).
+    Batched encoding gives the codes of one-at-a-time encoding, so this changes nothing but the time.
+    """
     pixels = torch.cat([p["pixels"] for p in pending])  # (N, C, H, W)
-    codes = model.encode(pixels.to(next(model.parameters()).device)).flatten(1).tolist()  # N x (h*w)
+    keys = [hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest() for image in pixels]
+    todo = list(dict.fromkeys(k for k in keys if k not in known))  # unique, in order
+    if todo:
+        rows = [keys.index(k) for k in todo]
+        batch = pixels[rows].to(next(model.parameters()).device)  # (n_new, C, H, W)
+        if len(known) + len(todo) > _KNOWN_MAX:
+            known.clear()
+        known.update(zip(todo, model.encode(batch).flatten(1).tolist()))  # n_new x (h*w)
+    codes = [known[k] for k in keys]
     k = 0
     for p in pending:
         segments = []
@@ -163,6 +178,7 @@ def _tokenize_kind(bundle, kind, shard_list, out, batch_size, num_workers, shard
 
     def records() -> Iterator[dict[str, Any]]:
         pending: list[dict[str, Any]] = []
+        known: dict[bytes, list[int]] = {}
         n_images = 0
         for sample in chain(loader, [None]):  # None: flush what is pending at the end
             if sample is not None:
@@ -171,7 +187,7 @@ def _tokenize_kind(bundle, kind, shard_list, out, batch_size, num_workers, shard
             if pending and (sample is None or n_images >= batch_size):
                 stats.images += n_images
                 stats.samples += len(pending)
-                yield from _encode_pending(model, pending)
+                yield from _encode_pending(model, pending, known)
                 pending, n_images = [], 0
 
     write_shards(records(), out, prefix=_KIND_PREFIX[kind], max_count=shard_size, progress=progress, overwrite=True)
