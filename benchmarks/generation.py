@@ -20,6 +20,12 @@ image codes sampled at temperature 1) with ``cfg_scale`` and the default uncondi
 Each arm is warmed up once, the arms of a comparison are timed alternately, and the median of ``--repeats``
 runs is reported.
 
+Threads: ``--threads`` sets torch's intra-op threads for the process (both arms). Our engine decodes small models
+(``d_model <= 1024``) single-threaded on CPU whatever that setting (``fast_decode.decode_threads``: at these sizes
+parallel regions cost more than they save, and on shared cores they stall); transformers uses the setting. When
+other jobs load the machine, transformers' 2-thread regions stall and the ratio balloons; ``--threads 1`` gives
+the comparison against transformers at its own best single-threaded speed.
+
     python benchmarks/generation.py --new-tokens 256 --repeats 3
 """
 
@@ -33,6 +39,7 @@ from collections.abc import Callable
 
 import torch
 
+from chameleon_lite.fast_decode import decode_threads
 from chameleon_lite.generation import generate_ids
 from chameleon_lite.hf_port import export_hf_chameleon_state, hf_chameleon_config
 from chameleon_lite.model import Decoder, DecoderConfig
@@ -147,9 +154,11 @@ def main() -> None:
             raise RuntimeError(f"{name} image is malformed: {len(ids)} ids")
 
     # ------------------------------------------------------------------ report
+    ours_threads = decode_threads(ours) or torch.get_num_threads()
     print(f"config: d_model={args.d_model} layers={args.n_layers} heads={args.n_heads} vocab={vocab.size} "
           f"(text {vocab.n_text}, codebook {vocab.codebook_size}) params={sum(p.numel() for p in ours.parameters())}"
-          f" | batch 1, fp32, CPU threads={torch.get_num_threads()}, prompt {len(prompt)} tokens, seed {args.seed}")
+          f" | batch 1, fp32, CPU threads={torch.get_num_threads()} (ours decodes with {ours_threads}), "
+          f"prompt {len(prompt)} tokens, seed {args.seed}")
     print(f"tokens: ours {len(ids_ours)} new (eos emitted: {vocab.eos in ids_ours}), HF {len(ids_hf)} new; "
           f"greedy tokens identical: {same}" + ("" if same else f" (first difference at step {first_diff})"))
     print("note: both sides use the text-mode allowed-token mask (HF via a LogitsProcessor); HF bans <eos> through "

@@ -15,15 +15,9 @@ Three layers, each usable alone:
    Temperature 0 means greedy (argmax); text and image codes have separate temperature / top-k / top-p
    (:class:`SamplingParams`).
 
-2. **Engine** (:func:`iter_generate_ids`, :func:`generate_ids`): one KV cache preallocated for
-   ``rows x (longest prompt + max_new_tokens)``; all prompts are prefilled in ONE forward with LEFT padding (pad
-   slots carry their own document id, so real tokens never attend to them, and positions start at 0 at each
-   prompt's first real token); then one token per step for the whole batch. A row finishes on ``<eos>`` or a stop
-   id (outside images), or after ``<eoi>`` in ``"image"`` mode; finished rows keep being fed a pad token (the
-   batch stays static, their output is frozen) and the loop ends when every row is done. Randomness comes from a
-   ``torch.Generator`` seeded per call. Classifier-free guidance runs the conditional and unconditional streams
-   as the two halves of one ``2B``-row batch (one forward per step); on image-code steps the logits are
-   ``uncond + cfg_scale * (cond - uncond)``; the sampled token is fed to both halves.
+2. **Engine** (:func:`iter_generate_ids`, :func:`generate_ids`, in :mod:`chameleon_lite.engine` and re-exported
+   here): one KV cache, left-padded batched prefill, one token per step for the whole batch through the lean
+   decode step of :mod:`chameleon_lite.fast_decode`, batched classifier-free guidance, seeded sampling.
 
 3. **High-level API** (:func:`generate`, :func:`stream`; ``ChameleonLite.generate`` / ``.stream`` delegate here):
    prompts made of strings and PIL images, built into the training formats of ``data/token_documents.py``, and
@@ -51,12 +45,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
 
+from chameleon_lite.engine import DEFAULT_MAX_NEW_TEXT_TOKENS, generate_ids, iter_generate_ids
 from chameleon_lite.image_code_cache import ImageCodeCache
 from chameleon_lite.sampling import (
     MODES,
@@ -71,208 +65,6 @@ from chameleon_lite.sampling import (
 from chameleon_lite.vocab import Vocab
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_NEW_TEXT_TOKENS = 64
-
-
-# ---------------------------------------------------------------------------------------------- the engine
-@dataclass
-class _Batch:
-    ids: torch.Tensor  # (R, L) left-padded prompt ids
-    document_ids: torch.Tensor  # (R, L) 1 on pad slots, 0 on real tokens
-    position_ids: torch.Tensor  # (R, L) 0.. from each prompt's first real token
-    lengths: torch.Tensor  # (R,) real prompt lengths
-
-
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> _Batch:
-    longest = max(len(p) for p in prompts)
-    rows = len(prompts)
-    ids = torch.full((rows, longest), pad_id, dtype=torch.long)
-    document_ids = torch.ones(rows, longest, dtype=torch.long)
-    position_ids = torch.zeros(rows, longest, dtype=torch.long)
-    for r, prompt in enumerate(prompts):
-        n = len(prompt)
-        ids[r, longest - n :] = torch.tensor(list(prompt), dtype=torch.long)
-        document_ids[r, longest - n :] = 0
-        position_ids[r, longest - n :] = torch.arange(n)
-    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    return _Batch(ids.to(device), document_ids.to(device), position_ids.to(device), lengths.to(device))
-
-
-def _check_prompt_ids(prompts: Any, vocab: Vocab, what: str) -> list[list[int]]:
-    if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError(f"{what} must be a non-empty list of id lists")
-    checked = []
-    for i, prompt in enumerate(prompts):
-        ids = [int(t) for t in (prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt)]
-        if not ids:
-            raise ValueError(f"{what}[{i}] is empty")
-        bad = [t for t in ids if not 0 <= t < vocab.size]
-        if bad:
-            raise ValueError(f"{what}[{i}] has id {bad[0]} outside the vocabulary [0, {vocab.size})")
-        checked.append(ids)
-    return checked
-
-
-def iter_generate_ids(
-    decoder: torch.nn.Module,
-    vocab: Vocab,
-    grid: tuple[int, int],
-    prompts: Sequence[Sequence[int]],
-    *,
-    mode: str = "text",
-    max_new_tokens: int = DEFAULT_MAX_NEW_TEXT_TOKENS,
-    sampling: SamplingParams | None = None,
-    seed: int = 0,
-    stop_ids: Sequence[int] = (),
-    cfg_scale: float = 1.0,
-    uncond_prompts: Sequence[Sequence[int]] | None = None,
-    use_eol: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Decode step by step; yields ``(tokens (B,), emitted (B,) bool)`` once per step.
-
-    ``emitted[b]`` is False for rows that had already finished (their ``tokens`` entry is meaningless). All
-    arguments are validated before anything runs (see :func:`generate_ids` for their meaning).
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} must be one of {MODES}")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
-    sampling = sampling if sampling is not None else SamplingParams()
-    if not isinstance(cfg_scale, (int, float)) or not cfg_scale >= 1:
-        raise ValueError(f"cfg_scale={cfg_scale!r} must be >= 1 (1 = no guidance)")
-    prompts = _check_prompt_ids(prompts, vocab, "prompts")
-    stop = {int(s) for s in stop_ids} | {vocab.eos}
-    constraint = ModalityConstraint(vocab, grid, mode, use_eol)
-    states = []
-    for i, prompt in enumerate(prompts):
-        in_image, count = constraint.scan(prompt)
-        if mode == "text" and in_image:
-            raise ValueError(f"prompts[{i}] ends inside an image (after <boi>) but mode='text' cannot write codes")
-        if mode == "image":
-            if not in_image:
-                raise ValueError(f"prompts[{i}] must end inside an image (with <boi>) in mode='image'")
-            needed = constraint.body_len - count + 1
-            if max_new_tokens < needed:
-                raise ValueError(f"max_new_tokens={max_new_tokens} is too small: prompts[{i}] needs {needed} more "
-                                 f"tokens to finish its image (codes and <eoi>)")
-        states.append(in_image)
-    use_cfg = cfg_scale != 1 or uncond_prompts is not None
-    if use_cfg:
-        if mode != "image":
-            raise ValueError(f"classifier-free guidance (cfg_scale={cfg_scale}) needs mode='image', got {mode!r}")
-        if uncond_prompts is None:
-            uncond_prompts = [[vocab.bos, vocab.boi]] * len(prompts)
-        uncond_prompts = _check_prompt_ids(uncond_prompts, vocab, "uncond_prompts")
-        if len(uncond_prompts) != len(prompts):
-            raise ValueError(f"uncond_prompts has {len(uncond_prompts)} prompts, prompts has {len(prompts)}")
-        for i, prompt in enumerate(uncond_prompts):
-            if constraint.scan(prompt) != constraint.scan(prompts[i]):
-                raise ValueError(f"uncond_prompts[{i}] must end at the same point of an image as prompts[{i}]")
-    all_prompts = list(prompts) + (list(uncond_prompts) if use_cfg else [])
-    longest = max(len(p) for p in all_prompts)
-    max_seq_len = decoder.config.max_seq_len
-    if longest + max_new_tokens > max_seq_len:
-        raise ValueError(f"longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
-                         f"max_seq_len={max_seq_len}")
-    return _decode_loop(decoder, vocab, constraint, prompts, all_prompts, max_new_tokens, sampling, seed, stop,
-                        float(cfg_scale), use_cfg, mode)
-
-
-@torch.inference_mode()
-def _decode_loop(decoder, vocab, constraint, prompts, all_prompts, max_new_tokens, sampling, seed, stop, cfg_scale,
-                 use_cfg, mode) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    device = decoder.embed_tokens.weight.device
-    B, R = len(prompts), len(all_prompts)  # R = 2B with guidance
-    V = vocab.size
-    batch = _left_pad(all_prompts, vocab.pad, device)
-    longest = batch.ids.shape[1]
-    cache = decoder.new_cache(R, longest + max_new_tokens, device=device)
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    constraint.reset(prompts, device)
-    stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
-    text_chain, image_chain = sampling.processors(image=False), sampling.processors(image=True)
-    greedy_text, greedy_image = sampling.greedy(image=False), sampling.greedy(image=True)
-
-    logits = decoder(batch.ids, position_ids=batch.position_ids, document_ids=batch.document_ids, cache=cache)
-    logits = logits[:, -1, :V].float()  # (R, V)
-    next_positions = batch.lengths.clone()  # (R,)
-    active = torch.ones(B, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        in_image = constraint.in_image.clone()  # (B,) modality of the token about to be sampled
-        if use_cfg:
-            cond, uncond = logits[:B], logits[B:]
-            guided = uncond + cfg_scale * (cond - uncond)
-            logits = torch.where(in_image[:, None], guided, cond)  # (B, V)
-        logits = constraint(logits)  # (B, V)
-        logits = torch.where(in_image[:, None], apply_processors(logits, image_chain),
-                             apply_processors(logits, text_chain))
-        probs = logits.softmax(dim=-1)  # (B, V)
-        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
-        argmax = logits.argmax(dim=-1)  # (B,)
-        greedy = torch.where(in_image, torch.tensor(greedy_image, device=device),
-                             torch.tensor(greedy_text, device=device))
-        tokens = torch.where(greedy, argmax, sampled)  # (B,)
-        tokens = torch.where(active, tokens, torch.full_like(tokens, vocab.pad))
-        yield tokens, active.clone()
-
-        constraint.advance(tokens)
-        finished = ~in_image & torch.isin(tokens, stop_ids)
-        if mode == "image":
-            finished |= in_image & (tokens == vocab.eoi)
-        active = active & ~finished
-        if not active.any() or step == max_new_tokens - 1:
-            return
-        feed = torch.cat([tokens, tokens]) if use_cfg else tokens  # (R,)
-        logits = decoder(feed[:, None], position_ids=next_positions[:, None], cache=cache)[:, -1, :V].float()
-        next_positions += 1
-
-
-def generate_ids(
-    decoder: torch.nn.Module,
-    vocab: Vocab,
-    grid: tuple[int, int],
-    prompts: Sequence[Sequence[int]],
-    *,
-    mode: str = "text",
-    max_new_tokens: int = DEFAULT_MAX_NEW_TEXT_TOKENS,
-    sampling: SamplingParams | None = None,
-    seed: int = 0,
-    stop_ids: Sequence[int] = (),
-    cfg_scale: float = 1.0,
-    uncond_prompts: Sequence[Sequence[int]] | None = None,
-    use_eol: bool = False,
-) -> list[list[int]]:
-    """Generate continuations of id prompts; returns the new ids of each prompt (its stop token included).
-
-    Args:
-        decoder: a ``Decoder`` (put it in eval mode: dropout is not switched off here).
-        vocab: the unified vocabulary (named ids, ranges).
-        grid: ``(h, w)`` codes per image.
-        prompts: one list of ids per row, any lengths (left padded internally).
-        mode: ``"text"`` (image codes and ``<boi>`` banned), ``"image"`` (each prompt must end inside an image,
-            i.e. with ``<boi>``; exactly ``h*w`` codes then ``<eoi>``, then the row stops) or ``"interleaved"``.
-        max_new_tokens: new tokens per row at most.
-        sampling: text and image temperature / top-k / top-p (default: plain sampling at temperature 1).
-        seed: seeds the ``torch.Generator`` of this call (same seed, same inputs -> same output).
-        stop_ids: ids that end a row when emitted outside an image (``<eos>`` always does).
-        cfg_scale: classifier-free guidance weight (``>= 1``; mode ``"image"`` only).
-        uncond_prompts: the unconditional stream's prompts (default ``<bos> <boi>`` each); passing them turns the
-            guided path on even at ``cfg_scale == 1``.
-        use_eol: images carry ``<eol>`` after each row of codes.
-
-    Raises:
-        ValueError: a bad parameter (named), an empty or out-of-vocabulary prompt, or a prompt + budget longer
-            than ``max_seq_len``. Everything is checked before any forward runs.
-    """
-    steps = iter_generate_ids(decoder, vocab, grid, prompts, mode=mode, max_new_tokens=max_new_tokens,
-                              sampling=sampling, seed=seed, stop_ids=stop_ids, cfg_scale=cfg_scale,
-                              uncond_prompts=uncond_prompts, use_eol=use_eol)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    for tokens, emitted in steps:
-        for b in torch.nonzero(emitted).flatten().tolist():
-            outputs[b].append(int(tokens[b]))
-    return outputs
 
 
 # ---------------------------------------------------------------------------------------------- images <-> codes

@@ -253,6 +253,84 @@ def test_engine_prompt_errors(decoder: Decoder) -> None:
         generate_ids(decoder, VOCAB, GRID, [text_prompt(3)], mode="text", max_new_tokens=3, cfg_scale=2.0)
 
 
+# ---------------------------------------------------------------------------------------------- prompt_embeds
+def embeds_of(decoder: Decoder, prompts: list[list[int]]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [decoder.embed(torch.tensor(p)) for p in prompts]  # (T_i, d) each
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLE])
+def test_prompt_embeds_of_the_ids_equal_the_ids_path(decoder: Decoder, sampling: SamplingParams) -> None:
+    prompts = [text_prompt(6), text_prompt(3, start=8)]
+    plain = generate_ids(decoder, VOCAB, GRID, prompts, max_new_tokens=10, sampling=sampling, seed=5)
+    embedded = generate_ids(decoder, VOCAB, GRID, prompts, max_new_tokens=10, sampling=sampling, seed=5,
+                            prompt_embeds=embeds_of(decoder, prompts))
+    assert embedded == plain
+    image_prompt = [text_prompt(4) + [VOCAB.boi]]
+    plain = generate_ids(decoder, VOCAB, GRID, image_prompt, mode="image", max_new_tokens=7, sampling=sampling)
+    assert generate_ids(decoder, VOCAB, GRID, image_prompt, mode="image", max_new_tokens=7, sampling=sampling,
+                        prompt_embeds=embeds_of(decoder, image_prompt)) == plain
+
+
+def test_prompt_embeds_are_what_the_prefill_reads(decoder: Decoder) -> None:
+    prompt = text_prompt(6)
+    plain = generate_ids(decoder, VOCAB, GRID, [prompt], max_new_tokens=8, sampling=GREEDY)[0]
+    (embeds,) = embeds_of(decoder, [prompt])
+    perturbed = embeds.clone()
+    perturbed[2] += 2.0 * torch.randn(perturbed.shape[-1], generator=torch.Generator().manual_seed(0),
+                                      dtype=perturbed.dtype)
+    changed = generate_ids(decoder, VOCAB, GRID, [prompt], max_new_tokens=8, sampling=GREEDY,
+                           prompt_embeds=[perturbed])[0]
+    assert changed != plain
+    # the swapped embedding acts exactly like the recomputed reference with that embedding
+    ids = list(prompt)
+    x = perturbed[None]  # (1, T, d)
+    expected = []
+    for _ in range(8):
+        logits = decoder(inputs_embeds=x)[0, -1, : VOCAB.size]
+        allowed = list(range(VOCAB.n_text)) + [VOCAB.sep]
+        token = allowed[int(logits[allowed].argmax())]
+        expected.append(token)
+        if token == VOCAB.eos:
+            break
+        ids.append(token)
+        x = torch.cat([x, decoder.embed(torch.tensor([[token]]))], dim=1)
+    assert changed == expected
+
+
+def test_prompt_embeds_mixed_length_batch_equals_each_alone(decoder: Decoder) -> None:
+    prompts = [text_prompt(2), text_prompt(9, start=7), text_prompt(5, start=11)]
+    embeds = embeds_of(decoder, prompts)
+    g = torch.Generator().manual_seed(3)
+    embeds = [e + 0.5 * torch.randn(e.shape, generator=g, dtype=e.dtype) for e in embeds]  # not the ids' embeddings
+    batched = generate_ids(decoder, VOCAB, GRID, prompts, max_new_tokens=10, sampling=GREEDY, prompt_embeds=embeds)
+    alone = [generate_ids(decoder, VOCAB, GRID, [p], max_new_tokens=10, sampling=GREEDY, prompt_embeds=[e])[0]
+             for p, e in zip(prompts, embeds)]
+    assert batched == alone
+    assert batched != generate_ids(decoder, VOCAB, GRID, prompts, max_new_tokens=10, sampling=GREEDY)
+
+
+def test_prompt_embeds_errors(decoder: Decoder) -> None:
+    prompts = [text_prompt(4), text_prompt(3)]
+    good = embeds_of(decoder, prompts)
+    d = decoder.config.d_model
+    cases = [
+        (good[:1], r"prompt_embeds has 1 tensors, prompts has 2"),
+        ([good[0], good[1][:2]], r"prompt_embeds\[1\] has shape \(2, 32\), expected \(3, 32\)"),
+        ([good[0], torch.zeros(3, d + 1, dtype=torch.float64)], r"prompt_embeds\[1\] has shape"),
+        ([good[0].float(), good[1]], r"prompt_embeds\[0\] has dtype torch.float32"),
+        ([good[0], [[0.0] * d] * 3], r"prompt_embeds\[1\] must be a tensor"),
+        (torch.zeros(4, d), "prompt_embeds must be a list"),
+    ]
+    for embeds, message in cases:
+        with pytest.raises(ValueError, match=message):
+            generate_ids(decoder, VOCAB, GRID, prompts, max_new_tokens=3, prompt_embeds=embeds)
+    image_prompts = [p + [VOCAB.boi] for p in prompts]
+    with pytest.raises(ValueError, match="prompt_embeds cannot be combined with classifier-free guidance"):
+        generate_ids(decoder, VOCAB, GRID, image_prompts, mode="image", max_new_tokens=7, cfg_scale=2.0,
+                     prompt_embeds=embeds_of(decoder, image_prompts))
+
+
 # ---------------------------------------------------------------------------------------------- high-level API
 @pytest.fixture(scope="module")
 def tiny_model(request) -> types.SimpleNamespace:
