@@ -104,6 +104,17 @@ class Vocab:
     def sep(self) -> int:
         return self.control_id("<sep>")
 
+    @property
+    def image_placeholder(self) -> int:
+        """The encoder-projector baseline's ``<image>`` placeholder: the first reserved control slot.
+
+        Like every control id it cannot be produced from text; the baseline replaces each occurrence by the
+        projected features of one image (the native model never uses it).
+        """
+        if self.n_reserved < 1:
+            raise ValueError("the vocabulary has no reserved control slot for the <image> placeholder (n_reserved=0)")
+        return self.n_text + len(self.control_tokens)
+
     bos, eos, pad, unk = BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
     def token_name(self, i: int) -> str:

@@ -1,0 +1,127 @@
+"""Text generation for the encoder-projector baseline, on the native arm's engine (``generation.iter_generate_ids``).
+
+Prompts are built like the native arm's text mode, with the ``<image>`` placeholder where the native model has
+``<boi> codes <eoi>``: one image and some text is a question, ``<bos> P question <sep>``; anything else is
+``<bos>`` followed by the segments in order (an image alone asks for its caption). The placeholders are expanded
+into the projected visual tokens and the engine prefills from those embeddings (``prompt_embeds``); decoding is
+text mode (image codes and control tokens banned), greedy by default, stopping at ``<eos>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from chameleon_lite.generation import DEFAULT_MAX_NEW_TEXT_TOKENS, _normalise_prompts, iter_generate_ids
+from chameleon_lite.image_preprocessing import preprocess_images
+from chameleon_lite.image_tokenizer import ImageTokenizerConfig
+from chameleon_lite.sampling import SamplingParams
+
+__all__ = ["build_baseline_prompt", "generate", "stream"]
+
+Segment = str | Image.Image
+
+
+def build_baseline_prompt(segments: Sequence[Segment], model: Any, where: str = "prompt") -> tuple[list[int], list]:
+    """Segments -> (ids with one placeholder per image, the images in order)."""
+    vocab, text = model.bundle.vocab, model.bundle.text
+    for j, seg in enumerate(segments):
+        if not isinstance(seg, (str, Image.Image)):
+            raise ValueError(f"{where} segment {j} must be a str or a PIL.Image, got {type(seg).__name__}")
+    segments = [s for s in segments if not (isinstance(s, str) and not s.strip())]
+    if not segments:
+        raise ValueError(f"{where} is empty (no text and no image)")
+    images = [s for s in segments if isinstance(s, Image.Image)]
+    texts = [s.strip() for s in segments if isinstance(s, str)]
+    if len(images) == 1 and texts:  # QA: image first, question, <sep>
+        return [vocab.bos, vocab.image_placeholder, *text.encode(" ".join(texts)), vocab.sep], images
+    ids = [vocab.bos]
+    for seg in segments:
+        ids.extend([vocab.image_placeholder] if isinstance(seg, Image.Image) else text.encode(seg.strip()))
+    return ids, images
+
+
+@torch.inference_mode()
+def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids):
+    if model.bundle is None:
+        raise ValueError("the model has no tokenizer bundle; load it with BaselineVLM.from_pretrained")
+    if max_new_tokens is None:
+        max_new_tokens = DEFAULT_MAX_NEW_TEXT_TOKENS
+    sampling = SamplingParams(temperature, top_k, top_p)
+    batch, single = _normalise_prompts(prompts)
+    built = [build_baseline_prompt(p, model, where="prompt" if single else f"prompts[{i}]")
+             for i, p in enumerate(batch)]
+    prep = ImageTokenizerConfig(image_size=model.config.vit.image_size)
+    ids_list, embeds_list = [], []
+    for ids, images in built:
+        pixels = preprocess_images(images, prep).to(model.device) if images else None  # (n, C, H, W)
+        ids_t = torch.as_tensor([ids], device=model.device)  # (1, T)
+        embeds, expanded, _, _ = model.embed_inputs(ids_t, pixels)  # (1, T', d), (1, T')
+        ids_list.append(expanded[0].tolist())
+        embeds_list.append(embeds[0])
+    bundle = model.bundle
+    steps = iter_generate_ids(model.decoder, bundle.vocab, bundle.image_grid, ids_list, mode="text",
+                              max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids,
+                              prompt_embeds=embeds_list)
+    return steps, len(built), single
+
+
+def generate(
+    model: Any,
+    prompts: Any,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_ids: Sequence[int] = (),
+    mode: str = "text",
+) -> list:
+    """Text answers/captions for one prompt (a list of ``str``/``PIL.Image`` segments) or a batch of them.
+
+    Returns ``[text]`` for one prompt, or one ``[text]`` list per prompt for a batch (the same shape as the native
+    ``generate``). ``mode`` exists for API symmetry and must be ``"text"``: the baseline cannot write images.
+    """
+    if mode != "text":
+        raise ValueError(f"mode={mode!r}: the encoder-projector baseline only generates text (mode='text')")
+    steps, n, single = _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
+    new_ids: list[list[int]] = [[] for _ in range(n)]
+    for tokens, emitted in steps:
+        for b in torch.nonzero(emitted).flatten().tolist():
+            new_ids[b].append(int(tokens[b]))
+    outputs = [[_decode_text(ids, model.bundle)] for ids in new_ids]
+    return outputs[0] if single else outputs
+
+
+def _decode_text(ids: Sequence[int], bundle: Any) -> str:
+    return bundle.text.decode([i for i in ids if bundle.vocab.is_text(i) and i != bundle.vocab.eos])
+
+
+def stream(model: Any, prompts: Any, **kwargs: Any) -> Iterator[str | tuple[int, str]]:
+    """Yield text as it is decoded: ``str`` deltas for one prompt, ``(row, delta)`` for a batch."""
+    if kwargs.pop("mode", "text") != "text":
+        raise ValueError("the encoder-projector baseline only generates text (mode='text')")
+    names = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_ids")
+    defaults = (None, 0.0, 0, 1.0, 0, ())
+    unknown = set(kwargs) - set(names)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
+    args = [kwargs.get(k, d) for k, d in zip(names, defaults)]
+    steps, n, single = _prepare(model, prompts, *args)
+    ids: list[list[int]] = [[] for _ in range(n)]
+    shown = [""] * n
+    for tokens, emitted in steps:
+        for b in torch.nonzero(emitted).flatten().tolist():
+            ids[b].append(int(tokens[b]))
+            text = _decode_text(ids[b], model.bundle)
+            if text.startswith(shown[b]) and len(text) > len(shown[b]) and not text.endswith("\ufffd"):
+                delta, shown[b] = text[len(shown[b]):], text
+                yield delta if single else (b, delta)
+    for b in range(n):  # whatever a partial multi-byte piece held back
+        text = _decode_text(ids[b], model.bundle)
+        if text != shown[b] and text.startswith(shown[b]):
+            yield text[len(shown[b]):] if single else (b, text[len(shown[b]):])
