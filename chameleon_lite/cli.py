@@ -93,21 +93,42 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+def _images(args: argparse.Namespace) -> list:
     from PIL import Image
 
-    from chameleon_lite import ChameleonLite
-
-    model = ChameleonLite.from_pretrained(args.model)
-    segments: list = []
+    images = []
     for path in args.image or []:
         try:
             with Image.open(path) as im:
-                segments.append(im.convert("RGB"))
+                images.append(im.convert("RGB"))
         except (OSError, ValueError) as err:
             raise SystemExit(f"--image {path}: cannot read it as an image ({err})") from err
+    return images
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from chameleon_lite import ChameleonLite
+    from chameleon_lite.baseline import BaselineVLM
+
+    config_file = Path(args.model) / "config.yaml"
+    kind = OmegaConf.load(config_file).get("kind") if config_file.is_file() else None
+    if kind == "baseline":
+        if args.mode != "text":
+            raise SystemExit(f"--mode {args.mode}: {args.model} is an encoder-projector baseline (text output only)")
+        prompt = [*_images(args), *([args.prompt] if args.prompt else [])]
+        if not prompt:
+            raise SystemExit("give --prompt and/or --image")
+        model = BaselineVLM.from_pretrained(args.model)
+        for segment in model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+            print(segment)
+        return 0
+    model = ChameleonLite.from_pretrained(args.model)
+    segments: list = _images(args)
     if args.prompt:
         segments.append(args.prompt)
     if not segments:
@@ -135,6 +156,22 @@ def _generate(args: argparse.Namespace) -> int:
             segment.save(path)
             n_images += 1
             print(f"[image: {path}]")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from chameleon_lite.comparison.run import compare
+
+    result = compare(args.config, args.out, overrides=args.set or [], progress=not args.no_progress)
+    print(f"report: {result['report']}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from chameleon_lite.comparison.demo import demo
+
+    report = demo(args.out, overrides=args.set or [], progress=not args.no_progress)
+    print(report.read_text(encoding="utf-8").split("## Question answering")[0])
     return 0
 
 
@@ -196,6 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance for images (>= 1)")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=_generate)
+
+    cmp = sub.add_parser("compare", help="train/load the native and baseline arms, evaluate both, write a report")
+    cmp.add_argument("--config", required=True, help="configs/compare/<name>.yaml")
+    cmp.add_argument("--out", required=True, help="output directory (report.md, metrics.json, plots, runs)")
+    cmp.add_argument("--set", action="append", help="override a config value, e.g. --set eval.captions=20")
+    cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cmp.set_defaults(func=_compare)
+
+    dem = sub.add_parser("demo", help="the whole pipeline at tiny scale on CPU: data, both arms, the comparison")
+    dem.add_argument("--out", default="runs/demo", help="output directory")
+    dem.add_argument("--set", action="append", help="override a value of configs/compare/demo.yaml")
+    dem.add_argument("--no-progress", action="store_true", help="no progress bars")
+    dem.set_defaults(func=_demo)
 
     for name in LIGHTNING_SUBCOMMANDS:  # listed for --help; parsed by LightningCLI
         sub.add_parser(name, help=f"LightningCLI {name} (see chameleon-lite {name} --help)", add_help=False)

@@ -15,11 +15,14 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 def run_lightning_cli(args: Sequence[str], run: bool = True):
     """Run LightningCLI on ``args`` (``["fit", "--config", ...]``); with ``run=False`` only parse and instantiate."""
     import sys
+    import warnings
 
     import lightning as L
     from lightning.pytorch.cli import LightningCLI
 
     args = list(args)
+    # called from Python (tests, `chameleon-lite compare`) the args are ours; sys.argv belongs to another program
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended", category=UserWarning)
     return LightningCLI(
         L.LightningModule,
         L.LightningDataModule,

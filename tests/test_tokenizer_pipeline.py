@@ -134,12 +134,19 @@ def test_pretokenize_round_trip(tmp_path, tiny_bundle):
 
 def test_every_config_parses(tmp_path, monkeypatch):
     """Every recipe type-checks; CPU recipes also instantiate (model, datamodule, trainer) without their data."""
+    from chameleon_lite.comparison.config import load_compare_config
     from chameleon_lite.lightning_cli import parse_recipe, run_lightning_cli
 
     configs = sorted((REPO / "configs").rglob("*.yaml"))
     assert configs
     monkeypatch.chdir(tmp_path)  # nothing a config instantiates may need the data to exist
     for path in configs:
+        if path.parent.name == "compare":  # comparison configs, not LightningCLI recipes: check their recipes exist
+            cfg = load_compare_config(path)
+            for recipe in (cfg.native.recipe, cfg.baseline.encoder_recipe, cfg.baseline.stage1_recipe,
+                           cfg.baseline.stage2_recipe):
+                assert (REPO / recipe).is_file(), (path, recipe)
+            continue
         parsed = parse_recipe(str(path))
         assert parsed.model.class_path.startswith("chameleon_lite."), path
         if parsed.trainer.accelerator == "cpu":

@@ -1,0 +1,82 @@
+"""Schema of ``configs/compare/*.yaml`` (OmegaConf structured: typed, unknown keys rejected)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ["CompareConfig", "DataSpec", "NativeArm", "BaselineArm", "EvalSpec", "load_compare_config"]
+
+
+@dataclass
+class DataSpec:
+    """Where both arms read from. ``raw``: a shapes-world-layout directory (``train``/``val``/``test`` raw shards
+    and ``world.yaml``); ``tokens``: its pre-tokenized ``train``/``val`` (native arm)."""
+
+    raw: str = "data/shapes"
+    tokens: str = "data/tokens"
+    tokenizer: str = "tokenizers/shapes-64"
+
+
+@dataclass
+class NativeArm:
+    recipe: str = "configs/native/tiny.yaml"
+    model_dir: str | None = None  # load this model directory instead of training
+    overrides: list[str] = field(default_factory=list)  # extra `fit` arguments, e.g. "--trainer.accelerator=gpu"
+
+
+@dataclass
+class BaselineArm:
+    encoder_recipe: str = "configs/baseline/encoder_tiny.yaml"
+    stage1_recipe: str = "configs/baseline/stage1_tiny.yaml"
+    stage2_recipe: str = "configs/baseline/stage2_tiny.yaml"
+    stage1_fraction: float = 0.1  # share of the sample budget spent in stage 1
+    encoder_samples: int = 9600  # contrastive pretraining samples (not charged to the budget)
+    model_dir: str | None = None
+    encoder_overrides: list[str] = field(default_factory=list)
+    stage1_overrides: list[str] = field(default_factory=list)
+    stage2_overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalSpec:
+    qa_questions: int = 500  # from the test split's QA shards, in shard order
+    captions: int = 100
+    text_to_image: int = 32
+    cfg_scale: float = 3.0
+    batch_size: int = 32
+
+
+@dataclass
+class CompareConfig:
+    """A comparison: data, the sample budget both arms get, both arms' recipes, the evaluation, the seeds."""
+
+    name: str = MISSING
+    train_samples: int = MISSING  # training samples (documents / rows) each arm sees
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data: DataSpec = field(default_factory=DataSpec)
+    native: NativeArm = field(default_factory=NativeArm)
+    baseline: BaselineArm = field(default_factory=BaselineArm)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+    def __post_init__(self) -> None:
+        if self.train_samples != MISSING and self.train_samples < 1:
+            raise ValueError(f"train_samples={self.train_samples} must be >= 1")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds} must be a non-empty list without repeats")
+
+
+def load_compare_config(path: str | Path, overrides: list[str] = ()) -> CompareConfig:
+    """Parse and validate a compare YAML; ``overrides`` are OmegaConf dotlist entries (``eval.captions=10``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"compare config not found: {path}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(CompareConfig), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except (OmegaConfBaseException, ValueError) as err:
+        raise ValueError(f"{path} is malformed: {err}") from err

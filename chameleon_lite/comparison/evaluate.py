@@ -1,0 +1,214 @@
+"""Evaluate one trained arm (native ``ChameleonLite`` or ``BaselineVLM``) on held-out shards.
+
+Everything goes through the models' public ``generate`` API and the generic evaluation functions of
+``chameleon_lite.eval``: QA from any webdataset of (image, question, answer, category), captions from any pair
+shards, text-to-image from any (caption, intended scene) pairs plus a parser. Nothing reads answers into a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from itertools import islice
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from chameleon_lite.data.readers import pair_dataset
+from chameleon_lite.data.scenes import Scene
+from chameleon_lite.eval.captioning import caption_scores
+from chameleon_lite.eval.generation_scores import aggregate_generation_scores, score_generation, verdict
+from chameleon_lite.eval.understanding import evaluate_qa_shards, summarize_qa
+
+__all__ = ["answer_questions", "evaluate_qa", "evaluate_captions", "evaluate_text_to_image", "measure_latency",
+           "peak_memory_mb", "PeakMemory", "vq_ceiling"]
+
+logger = logging.getLogger(__name__)
+
+
+def _batched(items: Sequence[Any], n: int):
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def answer_questions(model: Any, images: Sequence[Image.Image], questions: Sequence[str],
+                     max_new_tokens: int = 12) -> list[str]:
+    """Greedy answers of either arm to ``[image, question]`` prompts (one batch)."""
+    outputs = model.generate([[image, question] for image, question in zip(images, questions)],
+                             max_new_tokens=max_new_tokens)
+    return [" ".join(s for s in out if isinstance(s, str)).strip() for out in outputs]
+
+
+def evaluate_qa(model: Any, shards: str, *, limit: int | None, batch_size: int = 32,
+                reference_answers: dict[str, list[str]] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Accuracy per category, POPE, held-out vs seen (``summarize_qa``) plus the records themselves."""
+    bar = tqdm(total=limit, desc="QA", unit=" questions", disable=not progress)
+
+    def predict(images, questions):
+        answers = answer_questions(model, images, questions)
+        bar.update(len(answers))
+        return answers
+
+    records = evaluate_qa_shards(shards, predict, batch_size=batch_size, limit=limit)
+    bar.close()
+    summary = summarize_qa(records, reference_answers)
+    summary["records"] = [r.to_dict() for r in records]
+    return summary
+
+
+def evaluate_captions(model: Any, shards: str, *, limit: int, batch_size: int = 32,
+                      progress: bool = True) -> dict[str, Any]:
+    """BLEU-4 and CIDEr-D of greedy captions (prompt: the image alone) against the shards' captions."""
+    samples = list(islice(pair_dataset(shards), limit))
+    if not samples:
+        raise ValueError(f"no image-caption pairs in {shards!r}")
+    candidates: list[str] = []
+    for batch in tqdm(list(_batched(samples, batch_size)), desc="captions", disable=not progress):
+        outputs = model.generate([[s["image"]] for s in batch], max_new_tokens=64)
+        candidates += [" ".join(x for x in out if isinstance(x, str)).strip() for out in outputs]
+    scores = caption_scores(candidates, [[s["text"].strip()] for s in samples])
+    scores["examples"] = [{"key": s["key"], "reference": s["text"].strip(), "generated": c}
+                          for s, c in list(zip(samples, candidates))[:8]]
+    return scores
+
+
+def _intended(sample: dict[str, Any]) -> Scene:
+    return Scene.from_dict(sample["meta"]["scene"])
+
+
+def evaluate_text_to_image(model: Any, shards: str, parse: Callable[[Image.Image], Any], *, limit: int,
+                           cfg_scale: float, seed: int = 0, batch_size: int = 16,
+                           progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Generate an image for each caption and score it against the caption's scene with ``parse``.
+
+    Returns the GenEval-style table (``aggregate_generation_scores``) and per-sample rows (caption, verdict,
+    image) for the example grid. Image codes are sampled at temperature 1 with guidance ``cfg_scale``.
+    """
+    samples = [s for s in islice(pair_dataset(shards), limit) if "scene" in s["meta"]]
+    scores, rows = [], []
+    for b, batch in enumerate(tqdm(list(_batched(samples, batch_size)), desc="text->image", disable=not progress)):
+        outputs = model.generate([[s["text"].strip()] for s in batch], mode="image", cfg_scale=cfg_scale,
+                                 seed=seed + b)
+        for sample, out in zip(batch, outputs):
+            images = [x for x in out if isinstance(x, Image.Image)]
+            if not images:
+                raise RuntimeError(f"image mode returned no image for caption {sample['text']!r}")
+            score = score_generation(_intended(sample), parse(images[0]), caption=sample["text"].strip())
+            scores.append(score)
+            rows.append({"caption": sample["text"].strip(), "verdict": verdict(score), "image": images[0],
+                         "passed": bool(score.all_correct)})
+    return aggregate_generation_scores(scores), rows
+
+
+def vq_ceiling(bundle: Any, shards: str, parse: Callable[[Image.Image], Any], *, limit: int
+               ) -> tuple[dict[str, Any], list[tuple[Image.Image, Image.Image]]]:
+    """The same scoring on VQ reconstructions of the real images: the best any generator over these codes can do."""
+    samples = [s for s in islice(pair_dataset(shards), limit) if "scene" in s["meta"]]
+    tokenizer = bundle.image_tokenizer
+    from chameleon_lite.image_preprocessing import preprocess_images
+
+    with torch.inference_mode():
+        pixels = preprocess_images([s["image"] for s in samples], tokenizer.config)  # (N, C, H, W)
+        recon = tokenizer.to_pil(tokenizer.decode(tokenizer.encode(pixels)))
+    scores = [score_generation(_intended(s), parse(r), caption=s["text"]) for s, r in zip(samples, recon)]
+    return aggregate_generation_scores(scores), [(s["image"], r) for s, r in zip(samples, recon)]
+
+
+def _decode_steps(model: Any, prompt: list, new_tokens: int):
+    """The engine's step iterator for one greedy text prompt of either arm."""
+    if hasattr(model, "encoder"):  # BaselineVLM
+        from chameleon_lite.baseline_generation import _prepare
+
+        steps, _, _ = _prepare(model, prompt, new_tokens, 0.0, 0, 1.0, 0, ())
+    else:
+        from chameleon_lite.generation import _prepare
+
+        steps, _, _ = _prepare(model, prompt, "text", new_tokens, 0.0, 0, 1.0, 1.0, 0, 1.0, 1.0, 0, (), None)
+    return steps
+
+
+def measure_latency(model: Any, image: Image.Image, new_tokens: int = 48, repeats: int = 3) -> dict[str, Any]:
+    """Time to first token (prompt building, image encoding, prefill, first sample) and decode tokens/s after it,
+    for a greedy caption of ``image`` (median of ``repeats``; decoding stops at ``<eos>``)."""
+    ttft, rates, counts = [], [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        steps = _decode_steps(model, [image], new_tokens)
+        next(steps)
+        first = time.perf_counter()
+        n = sum(1 for _ in steps)
+        end = time.perf_counter()
+        ttft.append(first - start)
+        counts.append(n)
+        if n:
+            rates.append(n / (end - first))
+    return {"ttft_s": statistics.median(ttft), "decode_tokens_per_s": statistics.median(rates) if rates else None,
+            "decoded_tokens": int(statistics.median(counts))}
+
+
+def peak_memory_mb() -> float:
+    """Peak CUDA memory allocated (when CUDA is used) or the process's peak resident memory so far, in MiB."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+class PeakMemory:
+    """Peak memory while a block runs: CUDA peak allocation (stats reset on entry) or, on CPU, the largest resident
+    set size sampled every ``interval`` s from ``/proc/self/statm`` (Linux; elsewhere the process's lifetime peak).
+
+    ::
+
+        with PeakMemory() as mem:
+            train()
+        mem.peak_mb
+    """
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss_mb(self) -> float | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page / 2**20
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss = self._rss_mb()
+            if rss is not None:
+                self.peak_mb = max(self.peak_mb, rss)
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+        rss = self._rss_mb()
+        if rss is not None:
+            self.peak_mb = rss
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, self._rss_mb() or 0.0)
+        else:
+            self.peak_mb = peak_memory_mb()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20

@@ -1,0 +1,247 @@
+"""``metrics.json``, ``report.md`` and the PNG plots of a comparison.
+
+Plots: ``accuracy_per_category.png`` (both arms, ``correct/total`` on each bar, majority-answer chance lines),
+``loss_curves.png``, ``generated_images.png`` (native text->image samples with the prompt and the parser's
+verdict), ``vq_reconstructions.png`` (real test images beside their VQ reconstructions).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from chameleon_lite.eval.plots import image_grid_with_captions, plot_accuracy_per_category, plot_loss_curves
+
+__all__ = ["write_report"]
+
+CATEGORY_ORDER = ("count", "color", "shape", "binding", "spatial", "negation", "existence")
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _mean_std(summary: dict[str, Any], key: str, scale: float = 1.0, digits: int = 1) -> str:
+    entry = summary.get(key)
+    if entry is None:
+        return "–"
+    text = f"{scale * entry['mean']:.{digits}f}"
+    return text + (f" ± {scale * entry['std']:.{digits}f}" if entry["n"] > 1 else "")
+
+
+def _pairs_grid(pairs: list[tuple[Image.Image, Image.Image]], path: Path, columns: int = 8) -> Path:
+    """Originals (top of each cell) over their reconstructions."""
+    w, h = pairs[0][0].size
+    rows = -(-len(pairs) // columns)
+    grid = Image.new("RGB", (columns * (w + 4), rows * (2 * h + 8)), "white")
+    for i, (original, recon) in enumerate(pairs):
+        x, y = (i % columns) * (w + 4), (i // columns) * (2 * h + 8)
+        grid.paste(original.convert("RGB"), (x, y))
+        grid.paste(recon.convert("RGB"), (x, y + h + 2))
+    grid = grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST)
+    grid.save(path)
+    return path
+
+
+def _plots(metrics: dict[str, Any], examples: dict[str, Any], out: Path) -> dict[str, str]:
+    plots: dict[str, str] = {}
+    first = {arm: data["per_seed"][0] for arm, data in metrics["arms"].items() if data["per_seed"]}
+    by_arm = {arm: run["qa"]["by_category"] for arm, run in first.items()}
+    chance_src = next(iter(first.values()))["qa"].get("chance", {})
+    chance = {c: v["chance"] for c, v in chance_src.items() if c in next(iter(by_arm.values()))}
+    plots["accuracy"] = str(plot_accuracy_per_category(by_arm, chance, out / "accuracy_per_category.png"))
+    curves = {arm: run["training"]["loss_curve"] for arm, run in first.items()
+              if run.get("training") and run["training"]["loss_curve"]}
+    if curves:
+        plots["loss"] = str(plot_loss_curves(curves, out / "loss_curves.png",
+                                             title="Training loss (native: text + image tokens; baseline: text)"))
+    rows = examples.get("generated") or []
+    if rows:
+        rows = rows[:16]
+        plots["generated"] = str(image_grid_with_captions(
+            [r["image"] for r in rows], [r["caption"] for r in rows], [r["verdict"] for r in rows],
+            out / "generated_images.png", passed=[r["passed"] for r in rows]))
+    if examples.get("reconstructions"):
+        plots["reconstructions"] = str(_pairs_grid(examples["reconstructions"][:16], out / "vq_reconstructions.png"))
+    return plots
+
+
+def _qa_table(metrics: dict[str, Any]) -> list[str]:
+    arms = list(metrics["arms"])
+    first = {arm: metrics["arms"][arm]["per_seed"][0]["qa"] for arm in arms}
+    summaries = {arm: metrics["arms"][arm]["summary"] for arm in arms}
+    chance = next(iter(first.values())).get("chance", {})
+    cats = [c for c in CATEGORY_ORDER if any(c in q["by_category"] for q in first.values())]
+    cats += sorted({c for q in first.values() for c in q["by_category"]} - set(cats))
+    lines = ["| category | " + " | ".join(arms) + " | chance (majority answer) |",
+             "|---|" + "---|" * len(arms) + "---|"]
+    for cat in cats:
+        cells = []
+        for arm in arms:
+            s = first[arm]["by_category"].get(cat)
+            if s is None:
+                cells.append("–")
+                continue
+            cell = f"{_mean_std(summaries[arm], f'qa.by_category.{cat}.accuracy', 100)} % ({s['correct']}/{s['total']})"
+            cells.append(cell)
+        ch = chance.get(cat, {})
+        majority = ch.get("majority_answer", "–")
+        lines.append(f"| {cat} | " + " | ".join(cells) + f" | {_pct(ch.get('chance'))} % ({majority}) |")
+    overall = [f"**{_mean_std(summaries[a], 'qa.overall.accuracy', 100)} %** "
+               f"({first[a]['overall']['correct']}/{first[a]['overall']['total']})" for a in arms]
+    lines.append("| **all** | " + " | ".join(overall) + " | |")
+    return lines
+
+
+def _pope_table(metrics: dict[str, Any]) -> list[str]:
+    arms = list(metrics["arms"])
+    lines = ["| arm | negatives | precision | recall | F1 | yes-rate | n |", "|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        pope = metrics["arms"][arm]["per_seed"][0]["qa"]["pope"]
+        for kind, s in pope.items():
+            lines.append(f"| {arm} | {kind} | {_pct(s['precision'])} | {_pct(s['recall'])} | {_pct(s['f1'])} | "
+                         f"{_pct(s['yes_rate'])} | {s['total']} |")
+    return lines
+
+
+def _held_out_lines(metrics: dict[str, Any]) -> list[str]:
+    lines = ["| arm | seen combinations | held-out combinations |", "|---|---|---|"]
+    for arm, data in metrics["arms"].items():
+        h = data["per_seed"][0]["qa"]["held_out"]
+        cells = []
+        for key in ("seen", "held_out"):
+            s = h.get(key) or {}
+            cells.append(f"{_pct(s.get('accuracy'))} % ({s.get('correct', 0)}/{s.get('total', 0)})" if s else "–")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cost_lines(metrics: dict[str, Any]) -> list[str]:
+    lines = ["| | " + " | ".join(metrics["arms"]) + " |", "|---|" + "---|" * len(metrics["arms"])]
+    runs = {arm: data["per_seed"][0] for arm, data in metrics["arms"].items()}
+
+    def row(name: str, fn) -> None:
+        lines.append(f"| {name} | " + " | ".join(fn(r) for r in runs.values()) + " |")
+
+    row("visual tokens per image", lambda r: str(r["cost"]["visual_tokens_per_image"]))
+    for part in ("encoder", "projector", "decoder", "embeddings", "total"):
+        row(f"parameters: {part}", lambda r, p=part: f"{r['cost']['parameters'][p]:,}")
+    t = {a: r.get("training") for a, r in runs.items()}
+    if all(t.values()):
+        row("training samples seen (budget)", lambda r: f"{r['training']['samples_seen']:,}")
+        row("training steps", lambda r: str(r["training"]["steps"]))
+        row("training time (s)", lambda r: f"{r['training']['seconds']:.0f}")
+        row("training samples/s", lambda r: f"{r['training']['samples_per_s']:.1f}")
+        row("training tokens/s", lambda r: f"{r['training']['tokens_per_s']:.0f}")
+        row("training FLOPs", lambda r: f"{r['training']['flops']:.2e}")
+        row("peak RSS (CPU) or CUDA allocation while training (MiB)",
+            lambda r: f"{r['training']['peak_memory_mb']:.0f}")
+    row("time to first token (ms)", lambda r: f"{1000 * r['cost']['latency']['ttft_s']:.1f}")
+    row("decode tokens/s", lambda r: "–" if r["cost"]["latency"]["decode_tokens_per_s"] is None
+        else f"{r['cost']['latency']['decode_tokens_per_s']:.0f}")
+    return lines
+
+
+def _reading(metrics: dict[str, Any]) -> list[str]:
+    """A few sentences generated from the numbers (largest per-category gaps, POPE yes-rates)."""
+    arms = metrics["arms"]
+    if not {"native", "baseline"} <= set(arms):
+        return []
+    n = arms["native"]["per_seed"][0]["qa"]
+    b = arms["baseline"]["per_seed"][0]["qa"]
+    gaps = []
+    for cat, s in n["by_category"].items():
+        if cat in b["by_category"] and s["accuracy"] is not None and b["by_category"][cat]["accuracy"] is not None:
+            gaps.append((s["accuracy"] - b["by_category"][cat]["accuracy"], cat))
+    gaps.sort()
+    lines = [f"- Overall QA accuracy: native {_pct(n['overall']['accuracy'])} %, baseline "
+             f"{_pct(b['overall']['accuracy'])} % on the same {n['overall']['total']} test questions."]
+    if gaps and gaps[-1][0] > 0:
+        lines.append(f"- Largest gap in the native arm's favour: {gaps[-1][1]} ({100 * gaps[-1][0]:+.1f} points).")
+    if gaps and gaps[0][0] < 0:
+        lines.append(f"- Largest gap in the baseline's favour: {gaps[0][1]} ({-100 * gaps[0][0]:+.1f} points).")
+    for name, q in (("native", n), ("baseline", b)):
+        all_pope = q["pope"].get("all")
+        if all_pope:
+            lines.append(f"- {name}: says \"yes\" to {_pct(all_pope['yes_rate'])} % of existence questions "
+                         f"(F1 {_pct(all_pope['f1'])} %); a yes-rate far above 50 % is the hallucination signature.")
+    t2i = arms["native"]["per_seed"][0].get("text_to_image")
+    if t2i and metrics.get("vq_ceiling"):
+        lines.append(f"- Text->image (native only): {_pct(t2i['all_correct']['mean'])} % of generated images are "
+                     f"fully correct by the parser, against {_pct(metrics['vq_ceiling']['all_correct']['mean'])} % "
+                     f"for VQ reconstructions of the real images (the tokenizer's ceiling).")
+    return lines
+
+
+def write_report(metrics: dict[str, Any], examples: dict[str, Any], out: str | Path) -> Path:
+    """Write the plots, ``metrics.json`` and ``report.md`` into ``out``; returns the report's path."""
+    out = Path(out)
+    metrics["plots"] = _plots(metrics, examples, out)
+    metrics["examples"] = {"generated": [{k: v for k, v in r.items() if k != "image"}
+                                         for r in examples.get("generated", [])[:16]]}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str), encoding="utf-8")
+    seeds = metrics["seeds"]
+    ev = metrics["config"]["eval"]
+    lines = [
+        f"# Comparison `{metrics['name']}`: native early fusion vs encoder–projector",
+        "",
+        f"Created {metrics['created'][:19]} UTC with chameleon-lite {metrics['package_version']} on "
+        f"{metrics['machine']['device']} ({metrics['machine']['cpus']} CPUs, torch {metrics['machine']['torch']}); "
+        f"seeds {seeds}; wall time {metrics['seconds'] / 60:.1f} min. Budget: {metrics['budget']['train_samples']:,} "
+        f"training samples per arm. Tables show seed {seeds[0]}'s counts; percentages are the mean "
+        f"(± std over seeds when several). Evaluation: the first {ev['qa_questions']} test questions, "
+        f"{ev['captions']} test captions, {ev['text_to_image']} text->image prompts (CFG {ev['cfg_scale']}).",
+        "",
+        "## Reading",
+        "",
+        *_reading(metrics),
+        "",
+        "## Question answering by category",
+        "",
+        *_qa_table(metrics),
+        "",
+        "![accuracy per category](accuracy_per_category.png)",
+        "",
+        "## Existence questions (POPE-style)",
+        "",
+        *_pope_table(metrics),
+        "",
+        "## Compositional generalisation",
+        "",
+        *_held_out_lines(metrics),
+        "",
+        "## Captioning",
+        "",
+        "| arm | BLEU-4 | CIDEr-D | n |",
+        "|---|---|---|---|",
+    ]
+    for arm, data in metrics["arms"].items():
+        c = data["per_seed"][0]["captioning"]
+        s = data["summary"]
+        lines.append(f"| {arm} | {_mean_std(s, 'captioning.bleu_4', 100)} | {_mean_std(s, 'captioning.cider_d', 1, 3)}"
+                     f" | {c['n_samples']} |")
+    t2i = metrics["arms"].get("native", {}).get("per_seed", [{}])[0].get("text_to_image")
+    if t2i:
+        ceiling = metrics.get("vq_ceiling", {})
+        lines += ["", "## Text -> image (native only), scored by the scene parser", "",
+                  "| metric | generated | VQ reconstruction ceiling |", "|---|---|---|"]
+        for key in ("precision", "recall", "count_correct", "attributes_correct", "binding_correct",
+                    "relations_correct", "all_correct"):
+            g, c = t2i.get(key, {}), ceiling.get(key, {})
+            lines.append(f"| {key} | {_pct(g.get('mean'))} % (n={g.get('count', 0)}) | "
+                         f"{_pct(c.get('mean'))} % (n={c.get('count', 0)}) |")
+        if "generated" in metrics["plots"]:
+            lines += ["", "![generated images](generated_images.png)"]
+        if "reconstructions" in metrics["plots"]:
+            lines += ["", "Real test images (top) and their VQ reconstructions (bottom):", "",
+                      "![VQ reconstructions](vq_reconstructions.png)"]
+    lines += ["", "## Cost", "", *_cost_lines(metrics)]
+    if "loss" in metrics["plots"]:
+        lines += ["", "![loss curves](loss_curves.png)"]
+    lines += ["", "Every number above is in `metrics.json`, with the config that produced it.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

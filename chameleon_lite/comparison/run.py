@@ -1,0 +1,194 @@
+"""``chameleon-lite compare``: train (or load) both arms per seed, evaluate them on the same held-out data, report.
+
+::
+
+    result = compare("configs/compare/tiny.yaml", out="runs/compare-tiny")
+    result["metrics"]["arms"]["native"]["summary"]["qa.overall.accuracy"]   # {"mean", "std", "n"}
+
+Writes ``OUT/metrics.json`` (every number, the config and the package version), ``OUT/report.md`` and the plots
+(see ``chameleon_lite.comparison.report``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from chameleon_lite.baseline import BaselineVLM, parameter_counts
+from chameleon_lite.comparison.config import CompareConfig, load_compare_config
+from chameleon_lite.comparison.evaluate import (
+    evaluate_captions,
+    evaluate_qa,
+    evaluate_text_to_image,
+    measure_latency,
+    vq_ceiling,
+)
+from chameleon_lite.comparison.training import ArmTraining, train_baseline, train_native
+from chameleon_lite.data.parser import parse_scene
+from chameleon_lite.data.readers import pair_dataset
+from chameleon_lite.data.shapes_world import load_world_spec
+from chameleon_lite.eval.understanding import reference_answers_from_shards
+from chameleon_lite.pretrained import ChameleonLite
+
+__all__ = ["compare", "flatten_numbers", "summarize_seeds"]
+
+logger = logging.getLogger(__name__)
+ARMS = ("native", "baseline")
+
+
+def flatten_numbers(tree: Any, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of nested dicts as ``{"a.b.c": value}`` (lists and strings are left out)."""
+    out: dict[str, float] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(flatten_numbers(value, f"{prefix}{key}."))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        out[prefix[:-1]] = float(tree)
+    return out
+
+
+def summarize_seeds(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean, standard deviation (0 for one seed) and count of every numeric leaf over the seeds."""
+    flat = [flatten_numbers({k: v for k, v in run.items() if k != "seed"}) for run in per_seed]
+    keys = sorted(set().union(*flat))
+    summary = {}
+    for key in keys:
+        values = [f[key] for f in flat if key in f]
+        summary[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                        "n": len(values)}
+    return summary
+
+
+def _machine() -> dict[str, Any]:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    import os
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("chameleon-lite")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _evaluate_arm(arm: str, model: Any, config: CompareConfig, parse, references, progress: bool
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    raw, ev = Path(config.data.raw), config.eval
+    test = raw / "test"
+    result: dict[str, Any] = {}
+    result["qa"] = evaluate_qa(model, str(test / "qa-*.tar"), limit=ev.qa_questions, batch_size=ev.batch_size,
+                               reference_answers=references, progress=progress)
+    result["captioning"] = evaluate_captions(model, str(test / "pairs-*.tar"), limit=ev.captions,
+                                             batch_size=ev.batch_size, progress=progress)
+    rows: list[dict[str, Any]] = []
+    if arm == "native" and ev.text_to_image > 0:
+        result["text_to_image"], rows = evaluate_text_to_image(
+            model, str(test / "pairs-*.tar"), parse, limit=ev.text_to_image, cfg_scale=ev.cfg_scale,
+            batch_size=min(ev.batch_size, 16), progress=progress)
+    first = next(iter(pair_dataset(str(test / "pairs-*.tar"))))
+    visual = model.bundle.image_tokens if arm == "native" else model.visual_tokens  # native: with <boi>, <eoi>
+    result["cost"] = {"visual_tokens_per_image": visual, "parameters": parameter_counts(model),
+                      "latency": measure_latency(model, first["image"])}
+    return result, rows
+
+
+def _load(arm: str, model_dir: str) -> Any:
+    return ChameleonLite.from_pretrained(model_dir) if arm == "native" else BaselineVLM.from_pretrained(model_dir)
+
+
+def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: list[str] = (),
+            progress: bool = True) -> dict[str, Any]:
+    """Run a comparison; returns ``{"metrics": ..., "report": path}`` and writes everything under ``out``."""
+    from chameleon_lite.comparison.report import write_report
+
+    cfg = config if isinstance(config, CompareConfig) else load_compare_config(config, overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    raw = Path(cfg.data.raw)
+    world = load_world_spec(raw)
+    parse = partial(parse_scene, config=world.world)
+    references = reference_answers_from_shards(str(raw / "train" / "qa-*.tar"))
+    metrics: dict[str, Any] = {
+        "name": cfg.name, "package_version": _version(), "created": datetime.now(timezone.utc).isoformat(),
+        "machine": _machine(), "config": asdict(cfg), "seeds": list(cfg.seeds),
+        "budget": {"train_samples": cfg.train_samples}, "arms": {arm: {"per_seed": []} for arm in ARMS},
+    }
+    examples: dict[str, Any] = {}
+    for seed in cfg.seeds:
+        seed_dir = out / f"seed{seed}"
+        L.seed_everything(seed, workers=True)
+        trained: dict[str, ArmTraining | None] = {}
+        if cfg.native.model_dir:
+            trained["native"] = None
+        else:
+            trained["native"] = train_native(
+                cfg.native.recipe, seed_dir, tokens=cfg.data.tokens, tokenizer=cfg.data.tokenizer,
+                train_samples=cfg.train_samples, seed=seed, extra=list(cfg.native.overrides), progress=progress)
+        if cfg.baseline.model_dir:
+            trained["baseline"] = None
+        else:
+            b = cfg.baseline
+            trained["baseline"] = train_baseline(
+                b.encoder_recipe, b.stage1_recipe, b.stage2_recipe, seed_dir, raw=str(raw),
+                tokenizer=cfg.data.tokenizer, train_samples=cfg.train_samples, stage1_fraction=b.stage1_fraction,
+                encoder_samples=b.encoder_samples, seed=seed, progress=progress,
+                extra={"encoder": list(b.encoder_overrides), "stage1": list(b.stage1_overrides),
+                       "stage2": list(b.stage2_overrides)})
+        decoders = {}
+        for arm in ARMS:
+            model_dir = getattr(cfg, arm).model_dir or trained[arm].model_dir
+            model = _load(arm, model_dir)
+            decoders[arm] = asdict(model.decoder.config)
+            result, rows = _evaluate_arm(arm, model, cfg, parse, references, progress)
+            result["seed"] = seed
+            result["model_dir"] = str(model_dir)
+            result["training"] = trained[arm].to_dict() if trained[arm] is not None else None
+            metrics["arms"][arm]["per_seed"].append(result)
+            if arm == "native" and seed == cfg.seeds[0]:
+                examples["generated"] = rows
+                if model.bundle.image_tokenizer is not None:
+                    metrics["vq_ceiling"], examples["reconstructions"] = vq_ceiling(
+                        model.bundle, str(raw / "test" / "pairs-*.tar"), parse, limit=cfg.eval.text_to_image)
+            del model
+        differ = sorted(k for k in decoders["native"] if decoders["native"][k] != decoders["baseline"].get(k))
+        metrics["matched_decoder"] = metrics.get("matched_decoder", True) and not differ
+        if differ:
+            metrics.setdefault("decoder_differences", {})[str(seed)] = {
+                k: [decoders["native"][k], decoders["baseline"][k]] for k in differ}
+            logger.warning("the arms' decoder configurations differ in %s: not a matched comparison", differ)
+    for arm in ARMS:
+        runs = metrics["arms"][arm]["per_seed"]
+        metrics["arms"][arm]["summary"] = summarize_seeds(
+            [{k: v for k, v in r.items() if k not in ("model_dir",)} | {"qa": _qa_numbers(r["qa"])} for r in runs])
+    metrics["seconds"] = time.perf_counter() - started
+    report = write_report(metrics, examples, out)
+    return {"metrics": metrics, "report": report}
+
+
+def _qa_numbers(qa: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in qa.items() if k != "records"}
+
+
+def main_compare(config: str, out: str, overrides: list[str], progress: bool = True) -> Path:
+    """CLI entry: run and return the report path."""
+    result = compare(config, out, overrides=overrides, progress=progress)
+    with open(Path(out) / "metrics.json") as f:
+        json.load(f)  # the file written is valid JSON
+    return result["report"]

@@ -1,0 +1,185 @@
+"""Train both arms of a comparison under a matched sample budget, through their ordinary recipes.
+
+Each arm is trained with ``chameleon-lite fit`` recipes (run in-process through ``run_lightning_cli``) with
+overrides for the data, the run directory, the seed and the number of steps:
+
+- **native**: ``max_steps`` is the smallest number of steps whose packed rows hold at least ``train_samples``
+  documents (counted exactly from the packer's epoch plans: one document = one training sample in one task
+  format);
+- **baseline**: the ViT is pretrained first (contrastive; its samples are reported but not charged to the budget,
+  just as the native arm's VQ tokenizer was trained beforehand), then stage 1 gets ``stage1_fraction`` of the
+  budget and stage 2 the rest, in rows of one sample each.
+
+FLOPs follow ``lit_native.flops_per_token`` (6N per token for trained weights plus attention) for the decoder;
+the baseline adds its ViT (2N per patch token when frozen, 6N when trained) and projector (6N per patch token).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chameleon_lite.comparison.evaluate import PeakMemory
+from chameleon_lite.lightning_cli import run_lightning_cli
+from chameleon_lite.lit_native import flops_per_token
+
+__all__ = ["ArmTraining", "train_native", "train_baseline", "read_loss_curve"]
+
+
+@dataclass
+class ArmTraining:
+    """What training one arm cost."""
+
+    model_dir: str
+    samples_seen: int
+    steps: int
+    seconds: float
+    tokens: int
+    flops: float
+    samples_per_s: float
+    tokens_per_s: float
+    peak_memory_mb: float
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    stages: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_loss_curve(run_dir: Path, key: str = "train/loss") -> list[tuple[int, float]]:
+    """``(step, value)`` rows of a CSVLogger run's ``metrics.csv`` (the newest version)."""
+    files = sorted(Path(run_dir).glob("logs/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return []
+    with open(files[-1]) as f:
+        return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+
+
+def _common(run_dir: Path, seed: int, steps: int, progress: bool) -> list[str]:
+    log_every = max(1, min(10, steps // 10))  # short runs still get a loss curve
+    return [f"--seed_everything={seed}", f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={run_dir}",
+            f"--trainer.log_every_n_steps={log_every}",
+            f"--trainer.logger.init_args.save_dir={run_dir}", f"--trainer.enable_progress_bar={str(progress).lower()}",
+            f"--model.init_args.seed={seed}", f"--data.init_args.seed={seed}"]
+
+
+def _fit(recipe: str, overrides: list[str]) -> tuple[Any, float, float]:
+    """Run ``fit``; returns the CLI, the wall time and the peak memory (MiB) while it ran."""
+    start = time.perf_counter()
+    with PeakMemory() as memory:
+        cli = run_lightning_cli(["fit", "--config", recipe, *overrides])
+    return cli, time.perf_counter() - start, memory.peak_mb
+
+
+def _val_every(steps: int) -> str:
+    return f"--trainer.val_check_interval={max(1, steps // 2)}"
+
+
+def train_native(recipe: str, out: Path, *, tokens: str, tokenizer: str, train_samples: int, seed: int,
+                 extra: list[str] = (), progress: bool = True) -> ArmTraining:
+    """Train the native arm from ``recipe`` on ``tokens/{train,val}`` until it has seen ``train_samples`` documents."""
+    run_dir = out / "native"
+    base = [f"--data.init_args.train_tokens={tokens}/train", f"--data.init_args.val_tokens={tokens}/val",
+            f"--data.init_args.tokenizer={tokenizer}", f"--model.init_args.tokenizer={tokenizer}", *extra]
+    probe = run_lightning_cli(["--config", recipe, *base, f"--data.init_args.seed={seed}"], run=False)
+    dm = probe.datamodule
+    dm.setup("fit")
+    loader = dm.train_dataloader(rank=0, world_size=1)
+    packer = dm._packer("train")
+    steps, samples, n_tokens = 0, 0, 0
+    while samples < train_samples:
+        for epoch, row in loader.rows(steps):
+            plan = packer.plan(epoch)
+            lo, hi = plan.row_starts[row], plan.row_starts[row + 1]
+            samples += int(hi - lo)
+            n_tokens += int(packer.docs.doc_len[plan.order[lo:hi]].sum())
+        steps += 1
+    overrides = [*base, *_common(run_dir, seed, steps, progress), _val_every(steps),
+                 f"--trainer.callbacks.init_args.out_dir={run_dir / 'model'}"]
+    cli, seconds, peak = _fit(recipe, overrides)
+    config = cli.model.config
+    return ArmTraining(
+        model_dir=str(run_dir / "model"), samples_seen=samples, steps=steps, seconds=seconds, tokens=n_tokens,
+        flops=flops_per_token(config, dm.seq_len) * n_tokens, samples_per_s=samples / seconds,
+        tokens_per_s=n_tokens / seconds, peak_memory_mb=peak, loss_curve=read_loss_curve(run_dir))
+
+
+def _vit_params(module: Any) -> tuple[int, int]:
+    vlm = module.vlm
+    return sum(p.numel() for p in vlm.encoder.parameters()), sum(p.numel() for p in vlm.projector.parameters())
+
+
+def train_baseline(encoder_recipe: str, stage1_recipe: str, stage2_recipe: str, out: Path, *, raw: str,
+                   tokenizer: str, train_samples: int, stage1_fraction: float, encoder_samples: int, seed: int,
+                   extra: dict[str, list[str]] | None = None, progress: bool = True) -> ArmTraining:
+    """Encoder pretraining, then stage 1 and stage 2 sharing ``train_samples`` (``stage1_fraction`` to stage 1)."""
+    if not 0.0 <= stage1_fraction < 1.0:
+        raise ValueError(f"stage1_fraction={stage1_fraction} must be in [0, 1)")
+    extra = extra or {}
+    data = [f"--data.init_args.tokenizer={tokenizer}", f"--model.init_args.tokenizer={tokenizer}"]
+    stages: dict[str, Any] = {}
+    total_seconds = 0.0
+
+    enc_dir = out / "baseline-encoder"
+    probe = run_lightning_cli(["--config", encoder_recipe, *data, *extra.get("encoder", [])], run=False)
+    enc_batch = probe.datamodule.batch_size
+    enc_steps = max(1, math.ceil(encoder_samples / enc_batch))
+    cli, seconds, _ = _fit(encoder_recipe, [
+        *data, f"--data.init_args.train_shards={raw}/train/pairs-*.tar",
+        f"--data.init_args.val_shards={raw}/val/pairs-*.tar", *_common(enc_dir, seed, enc_steps, progress),
+        _val_every(enc_steps), f"--trainer.callbacks.init_args.out_dir={enc_dir / 'encoder'}",
+        *extra.get("encoder", [])])
+    total_seconds += seconds
+    retrieval = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+    stages["encoder"] = {"samples": enc_steps * enc_batch, "steps": enc_steps, "seconds": seconds,
+                         "validation": retrieval, "charged_to_budget": False}
+
+    samples_seen, steps_total, tokens_total, flops_total, peak_total = 0, 0, 0, 0.0, 0.0
+    curve: list[tuple[int, float]] = []
+    previous = None
+    for stage, recipe, share in (("stage1", stage1_recipe, stage1_fraction), ("stage2", stage2_recipe, None)):
+        run_dir = out / f"baseline-{stage}"
+        probe = run_lightning_cli(["--config", recipe, *data, *extra.get(stage, [])], run=False)
+        batch = probe.datamodule.batch_size
+        budget = train_samples * share if share is not None else train_samples - samples_seen
+        steps = max(1, math.ceil(budget / batch))
+        init = ([f"--model.init_args.encoder_init={enc_dir / 'encoder'}"] if stage == "stage1"
+                else [f"--model.init_args.init_from={previous}"])
+        cli, seconds, peak = _fit(recipe, [
+            *data, f"--data.init_args.train_shards={raw}/train/*.tar", f"--data.init_args.val_shards={raw}/val/*.tar",
+            *_common(run_dir, seed, steps, progress), _val_every(steps),
+            f"--trainer.callbacks.init_args.out_dir={run_dir / 'model'}", *init, *extra.get(stage, [])])
+        total_seconds += seconds
+        module, dm = cli.model, cli.datamodule
+        n_visual = module.vlm.visual_tokens
+        train_data = dm.train_data
+        row_len = np.mean([2 + len(p) + len(t) for p, t in zip(train_data.prompt, train_data.target)]) - 1 + n_visual
+        n_rows = steps * batch
+        n_tokens = int(round(row_len * n_rows))
+        vit, proj = _vit_params(module)
+        n_patches = module.vlm.encoder.num_patches
+        vit_factor = 6.0 if module.trainable["encoder"] else 2.0
+        flops = (flops_per_token(module.config.decoder, int(row_len)) * n_tokens
+                 + (vit_factor * vit + 6.0 * proj) * n_patches * n_rows)
+        stage_curve = read_loss_curve(run_dir)
+        curve += [(steps_total + s, v) for s, v in stage_curve]
+        stages[stage] = {"samples": n_rows, "steps": steps, "seconds": seconds, "tokens": n_tokens, "flops": flops,
+                         "validation": {k: float(v) for k, v in cli.trainer.callback_metrics.items()
+                                        if k.startswith("val/")}}
+        samples_seen += n_rows
+        steps_total += steps
+        tokens_total += n_tokens
+        flops_total += flops
+        peak_total = max(peak_total, peak)
+        previous = run_dir / "model"
+    train_seconds = stages["stage1"]["seconds"] + stages["stage2"]["seconds"]
+    return ArmTraining(
+        model_dir=str(previous), samples_seen=samples_seen, steps=steps_total, seconds=total_seconds,
+        tokens=tokens_total, flops=flops_total, samples_per_s=samples_seen / train_seconds,
+        tokens_per_s=tokens_total / train_seconds, peak_memory_mb=peak_total, loss_curve=curve, stages=stages)

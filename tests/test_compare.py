@@ -1,0 +1,120 @@
+"""The comparison on a toy budget (seconds): both arms train, evaluate, and a complete metrics.json is written."""
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from chameleon_lite.bundle import load_bundle
+from chameleon_lite.data.pretokenize import tokenize_shards
+from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "tokenizers" / "shapes-64"
+pytestmark = pytest.mark.skipif(not BUNDLE.is_dir(), reason="needs the shipped tokenizer bundle")
+
+DECODER = ["d_model=32", "n_layers=2", "n_heads=4", "n_kv_heads=2"]
+VIT = ["--model.init_args.vit.d_model=32", "--model.init_args.vit.n_layers=2", "--model.init_args.vit.n_heads=2"]
+QUIET = ["--trainer.limit_val_batches=1"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    write_shapes_world(ShapesWorldSpec(train=40, val=8, test=8, seed=3, questions_per_scene=3), root / "raw",
+                       progress=False)
+    bundle = load_bundle(BUNDLE)
+    for split in ("train", "val"):
+        tokenize_shards(bundle, str(root / "raw" / split), root / "tokens" / split, num_workers=0, progress=False)
+    return root
+
+
+def _config(toy: Path, path: Path) -> Path:
+    native = [f"--model.init_args.model.{x}" for x in DECODER] + ["--data.init_args.seq_len=256",
+                                                                  "--model.init_args.model.max_seq_len=256",
+                                                                  "--data.init_args.batch_size=4",
+                                                                  "--model.init_args.warmup_steps=2", *QUIET]
+    baseline_decoder = [f"--model.init_args.model.{x}" for x in DECODER] + ["--model.init_args.model.max_seq_len=256"]
+    config = {
+        "name": "toy", "train_samples": 48, "seeds": [0],
+        "data": {"raw": str(toy / "raw"), "tokens": str(toy / "tokens"), "tokenizer": str(BUNDLE)},
+        "native": {"overrides": native},
+        "baseline": {"encoder_samples": 16, "stage1_fraction": 0.25,
+                     "encoder_overrides": [*VIT, "--data.init_args.batch_size=8", *QUIET],
+                     "stage1_overrides": [*VIT, *baseline_decoder, "--data.init_args.batch_size=4", *QUIET],
+                     "stage2_overrides": [*VIT, *baseline_decoder, "--data.init_args.batch_size=4", *QUIET]},
+        "eval": {"qa_questions": 12, "captions": 4, "text_to_image": 3, "cfg_scale": 2.0, "batch_size": 8},
+    }
+    OmegaConf.save(OmegaConf.create(config), path)
+    return path
+
+
+def test_compare_on_a_toy_budget_writes_a_complete_report(toy, tmp_path, monkeypatch):
+    from chameleon_lite.comparison.run import compare
+
+    monkeypatch.chdir(REPO)  # recipes are named relative to the repository, as in configs/compare/*.yaml
+    out = tmp_path / "out"
+    result = compare(_config(toy, tmp_path / "toy.yaml"), out, progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["name"] == "toy" and metrics["seeds"] == [0] and metrics["config"]["train_samples"] == 48
+    assert metrics["package_version"] and metrics["machine"]["torch"]
+    assert metrics["matched_decoder"] is True, metrics.get("decoder_differences")
+    for arm in ("native", "baseline"):
+        run = metrics["arms"][arm]["per_seed"][0]
+        qa = run["qa"]
+        assert qa["overall"]["total"] == 12 == len(qa["records"])
+        assert sum(c["total"] for c in qa["by_category"].values()) == 12
+        assert sum(c["correct"] for c in qa["by_category"].values()) == qa["overall"]["correct"]
+        assert set(qa["chance"]) >= set(qa["by_category"])
+        assert {"all"} <= set(qa["pope"]) or "existence" not in qa["by_category"]
+        assert run["captioning"]["n_samples"] == 4 and 0 <= run["captioning"]["bleu_4"] <= 1
+        training = run["training"]
+        assert training["samples_seen"] >= 48 and training["flops"] > 0 and training["loss_curve"]
+        cost = run["cost"]
+        assert cost["parameters"]["total"] > 0 and cost["latency"]["ttft_s"] > 0
+        summary = metrics["arms"][arm]["summary"]
+        assert summary["qa.overall.accuracy"]["n"] == 1 and summary["qa.overall.accuracy"]["std"] == 0.0
+    native, baseline = (metrics["arms"][a]["per_seed"][0] for a in ("native", "baseline"))
+    assert native["cost"]["visual_tokens_per_image"] == 66  # <boi> + 8x8 codes + <eoi>
+    assert baseline["cost"]["visual_tokens_per_image"] == 64  # MLP projector: one token per 8x8 patch
+    assert baseline["training"]["samples_seen"] == 48  # rows of one sample each: exactly the budget
+    assert baseline["training"]["stages"]["encoder"]["charged_to_budget"] is False
+    assert native["text_to_image"]["n_samples"] == 3 and "text_to_image" not in baseline
+    assert metrics["vq_ceiling"]["n_samples"] == 3
+    assert native["cost"]["parameters"]["decoder"] == baseline["cost"]["parameters"]["decoder"]  # same decoder
+    for name in ("accuracy_per_category.png", "loss_curves.png", "generated_images.png", "vq_reconstructions.png"):
+        assert (out / name).stat().st_size > 1000, name
+    report = result["report"].read_text()
+    for heading in ("Question answering by category", "POPE", "Captioning", "Text -> image", "Cost"):
+        assert heading in report
+    assert "/12)" in report  # accuracies carry their counts
+
+
+def test_seed_summary_is_mean_and_std_of_each_number():
+    from chameleon_lite.comparison.run import flatten_numbers, summarize_seeds
+
+    runs = [{"seed": 0, "qa": {"overall": {"accuracy": 0.5, "total": 10}}, "name": "x", "flag": True},
+            {"seed": 1, "qa": {"overall": {"accuracy": 0.7, "total": 10}}, "name": "y", "flag": False}]
+    assert flatten_numbers(runs[0]) == {"seed": 0.0, "qa.overall.accuracy": 0.5, "qa.overall.total": 10.0}
+    summary = summarize_seeds(runs)
+    assert set(summary) == {"qa.overall.accuracy", "qa.overall.total"}  # the seed itself is not averaged
+    assert summary["qa.overall.accuracy"]["mean"] == pytest.approx(0.6)
+    assert summary["qa.overall.accuracy"]["std"] == pytest.approx(0.1414213, rel=1e-5)  # sample std of (0.5, 0.7)
+    assert summary["qa.overall.total"] == {"mean": 10.0, "std": 0.0, "n": 2}
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    import numpy as np
+
+    from chameleon_lite.comparison.evaluate import PeakMemory
+
+    with PeakMemory(interval=0.01) as quiet:
+        pass
+    with PeakMemory(interval=0.01) as busy:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        import time
+
+        time.sleep(0.1)
+        del block
+    assert busy.peak_mb >= quiet.peak_mb + 40
