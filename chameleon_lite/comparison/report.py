@@ -131,9 +131,16 @@ def _cost_lines(metrics: dict[str, Any]) -> list[str]:
         row(f"parameters: {part}", lambda r, p=part: f"{r['cost']['parameters'][p]:,}")
     t = {a: r.get("training") for a, r in runs.items()}
     if all(t.values()):
+        def front_end(r: dict[str, Any]) -> str:
+            enc = r["training"]["stages"].get("encoder")
+            if enc is None:
+                return "VQ tokenizer from the bundle (trained beforehand)"
+            return f"ViT, contrastive: {enc['samples']:,} samples, {enc['seconds']:.0f} s (not in the budget)"
+
+        row("image front end", front_end)
         row("training samples seen (budget)", lambda r: f"{r['training']['samples_seen']:,}")
         row("training steps", lambda r: str(r["training"]["steps"]))
-        row("training time (s)", lambda r: f"{r['training']['seconds']:.0f}")
+        row("training time (s, incl. the ViT's pretraining)", lambda r: f"{r['training']['seconds']:.0f}")
         row("training samples/s", lambda r: f"{r['training']['samples_per_s']:.1f}")
         row("training tokens/s", lambda r: f"{r['training']['tokens_per_s']:.0f}")
         row("training FLOPs", lambda r: f"{r['training']['flops']:.2e}")
