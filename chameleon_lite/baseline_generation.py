@@ -15,7 +15,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from chameleon_lite.generation import DEFAULT_MAX_NEW_TEXT_TOKENS, _normalise_prompts, iter_generate_ids
+from chameleon_lite.generation import (
+    DEFAULT_MAX_NEW_TEXT_TOKENS,
+    _normalise_prompts,
+    check_segments,
+    iter_generate_ids,
+)
 from chameleon_lite.image_preprocessing import preprocess_images
 from chameleon_lite.image_tokenizer import ImageTokenizerConfig
 from chameleon_lite.sampling import SamplingParams
@@ -28,12 +33,7 @@ Segment = str | Image.Image
 def build_baseline_prompt(segments: Sequence[Segment], model: Any, where: str = "prompt") -> tuple[list[int], list]:
     """Segments -> (ids with one placeholder per image, the images in order)."""
     vocab, text = model.bundle.vocab, model.bundle.text
-    for j, seg in enumerate(segments):
-        if not isinstance(seg, (str, Image.Image)):
-            raise ValueError(f"{where} segment {j} must be a str or a PIL.Image, got {type(seg).__name__}")
-    segments = [s for s in segments if not (isinstance(s, str) and not s.strip())]
-    if not segments:
-        raise ValueError(f"{where} is empty (no text and no image)")
+    segments = check_segments(segments, where)
     images = [s for s in segments if isinstance(s, Image.Image)]
     texts = [s.strip() for s in segments if isinstance(s, str)]
     if len(images) == 1 and texts:  # QA: image first, question, <sep>

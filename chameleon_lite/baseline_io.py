@@ -33,6 +33,7 @@ from chameleon_lite.pretrained import (
     _as_bundle,
     _replaceable,
     _swap_into_place,
+    check_model_dir,
 )
 from chameleon_lite.projectors import ProjectorConfig
 from chameleon_lite.vision_encoder import ViTConfig
@@ -130,12 +131,7 @@ def load_state_into(model: BaselineVLM, state: dict[str, torch.Tensor], source: 
 
 def load_baseline_dir(path: str | Path, device: torch.device | str = "cpu") -> BaselineVLM:
     """A ``BaselineVLM`` (eval mode, ``.bundle`` set) from a baseline model directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory not found: {path}")
-    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR) if not (path / name).exists()]
-    if missing:
-        raise FileNotFoundError(f"model directory {path} is missing {', '.join(missing)}")
+    path = check_model_dir(path)
     config = load_baseline_config(path / CONFIG_FILE)
     bundle = load_bundle(path / TOKENIZER_DIR, load_image_tokenizer=False)
     if bundle.name != config.tokenizer:

@@ -100,6 +100,17 @@ def _normalise_prompts(prompts: Any) -> tuple[list[list[Segment]], bool]:
     return batch, False
 
 
+def check_segments(segments: Sequence[Segment], where: str = "prompt") -> list[Segment]:
+    """The prompt's segments without blank strings; ValueError for a segment of another type or an empty prompt."""
+    for j, seg in enumerate(segments):
+        if not isinstance(seg, (str, Image.Image)):
+            raise ValueError(f"{where} segment {j} must be a str or a PIL.Image, got {type(seg).__name__}")
+    segments = [s for s in segments if not (isinstance(s, str) and not s.strip())]
+    if not segments:
+        raise ValueError(f"{where} is empty (no text and no image)")
+    return segments
+
+
 def build_prompt_ids(
     segments: Sequence[Segment], mode: str, bundle: Any, code_cache: ImageCodeCache | None = None, *,
     where: str = "prompt",
@@ -108,12 +119,7 @@ def build_prompt_ids(
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
     vocab = bundle.vocab
-    for j, seg in enumerate(segments):
-        if not isinstance(seg, (str, Image.Image)):
-            raise ValueError(f"{where} segment {j} must be a str or a PIL.Image, got {type(seg).__name__}")
-    segments = [s for s in segments if not (isinstance(s, str) and not s.strip())]
-    if not segments:
-        raise ValueError(f"{where} is empty (no text and no image)")
+    segments = check_segments(segments, where)
     images = [s for s in segments if isinstance(s, Image.Image)]
     if images and bundle.image_tokenizer is None:
         raise ValueError(f"{where} has an image but the tokenizer bundle has no image tokenizer")

@@ -274,6 +274,17 @@ def export_checkpoint(
     return write_model_dir(state, config, bundle, out_dir, trained_steps=int(steps) if steps is not None else None)
 
 
+def check_model_dir(path: str | Path) -> Path:
+    """``path`` as a ``Path`` if it is a directory holding config, weights and tokenizer; else FileNotFoundError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR) if not (path / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"model directory {path} is missing {', '.join(missing)}")
+    return path
+
+
 def _replaceable(path: Path) -> bool:
     return path.is_dir() and ((path / CONFIG_FILE).is_file() or not any(path.iterdir()))
 
@@ -322,12 +333,7 @@ class ChameleonLite(nn.Module):
         cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> ChameleonLite:
         """Load a model directory (see the module docstring); ``dtype`` casts the decoder (the VQ model stays fp32)."""
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model directory not found: {path}")
-        missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR) if not (path / name).exists()]
-        if missing:
-            raise FileNotFoundError(f"model directory {path} is missing {', '.join(missing)}")
+        path = check_model_dir(path)
         config = load_model_config(path / CONFIG_FILE)
         bundle = load_bundle(path / TOKENIZER_DIR)
         if bundle.name != config.tokenizer:
@@ -420,6 +426,7 @@ __all__ = [
     "TOKENIZER_DIR",
     "ChameleonLite",
     "ModelDirConfig",
+    "check_model_dir",
     "check_state_dict",
     "decoder_state_dict",
     "export_checkpoint",
