@@ -1,0 +1,475 @@
+"""Decode speed on one GPU: tokens/s at batch 1 and 16, seconds per image (CFG on/off), fraction of the speed of light.
+
+NOT YET RUN ON A GPU: written on a CPU-only machine; only the ``--device cpu --tiny`` smoke run has been executed.
+See benchmarks/README.md ("CUDA (issue 9)") for what is still to be measured.
+
+Model: the decoder shape of a native recipe (default ``configs/native/small.yaml``) with seeded random weights in
+bf16 (decode speed does not depend on the weights' values; the image arm always writes exactly ``h*w`` codes and
+``<eoi>``), vocabulary and image grid from the recipe's tokenizer bundle. For each batch size (``--batch-sizes``,
+default 1 and 16), after a prefill of ``--prompt-len`` tokens, ``--new-tokens`` decode steps of:
+
+- ``fast step``: the engine's decode step (``fast_decode.FastDecodeStep``, eager), feeding the argmax back on the
+  device (no sampling, no host sync inside the timed loop);
+- ``static step``: :class:`StaticDecodeStep` below, the same math with static shapes (the slot of the new token is a
+  tensor; attention reads the whole preallocated cache under a mask; grouped-query heads without copies), checked
+  first against ``FastDecodeStep``'s logits; eager, and with ``--compile`` also ``torch.compile(mode=
+  "reduce-overhead")`` (CUDA graphs of the whole step; on CPU plain inductor);
+- ``engine``: ``generate_ids(mode="image")`` end to end (packed prefill, constraint, sampling, host checks), ``B``
+  images, with ``cfg_scale`` 1 and ``--cfg-scale`` (guidance doubles the rows): tokens/s and seconds per image.
+
+Speed of light: ``perf.decode_bytes_per_step(config, B, mean context, 2)`` (every non-embedding weight, the head's
+``vocab_size`` rows, one embedding row per token, the KV cache of the mean context) at the copy bandwidth measured
+in the same run (``perf.measured_copy_bandwidth``, read + write bytes) and at the datasheet's. The engine's image
+steps compute only the image-code columns of the head, so their bound is slightly pessimistic. Goal (issue 9):
+>= 25% of the bound at batch 1.
+
+``--vs-transformers`` also runs the tiny-config text-decode comparison of ``benchmarks/generation.py`` (ours vs
+``transformers``' Chameleon, same weights, greedy, fp32) on this device.
+
+    python benchmarks/gpu_generation.py --compile                      # small recipe, batch 1 and 16
+    python benchmarks/gpu_generation.py --compile --vs-transformers
+    python benchmarks/gpu_generation.py --device cpu --tiny            # smoke run of the script on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chameleon_lite.attention import KVCache
+from chameleon_lite.bundle import load_bundle
+from chameleon_lite.fast_decode import FastDecodeStep
+from chameleon_lite.generation import generate_ids
+from chameleon_lite.model import Decoder, apply_rotary
+from chameleon_lite.perf import (
+    decode_bytes_per_step,
+    device_peak_bandwidth,
+    measured_copy_bandwidth,
+    recipe_decoder_config,
+    speed_of_light_tokens_per_s,
+    synchronize,
+)
+from chameleon_lite.pretrained import resolve_bundle_path
+
+GOAL_FRACTION = 0.25  # of the speed of light at batch 1 (issue 9)
+
+
+# ---------------------------------------------------------------------------------------------- static-shape step
+class StaticDecodeStep(nn.Module):
+    """One decode step of a :class:`Decoder` with static shapes, for CUDA graphs / ``torch.compile``.
+
+    Not yet run on a GPU (checked on CPU against ``FastDecodeStep``). Unlike ``FastDecodeStep`` (which narrows the
+    cache to ``length + 1`` slots, a shape that changes every step), ``forward(tokens, positions, slot)`` takes the
+    slot as a 0-d tensor, writes the new keys/values there with ``index_copy_``, and attends over ALL ``max_len``
+    cache slots under a boolean mask ``visible & (slot_index <= slot)``, so every call has the same shapes and a
+    CUDA graph can replay it. Query heads of one key/value group are folded into the query-length axis
+    (``(B, H, 1, hd) -> (B, H_kv, H/H_kv, hd)``) so grouped-query attention reads each cached head once, with no
+    ``repeat_kv`` copy. The cache tensors are registered as buffers (static addresses for CUDA graphs).
+
+    Args:
+        decoder: a plain ``Decoder`` in eval mode (or with dropout 0).
+        cache: its KV cache holding the prefilled prompt (``cache.length >= 1``); left-padding slots (another
+            document id than the row's last token) stay masked, as in ``FastDecodeStep``.
+        vocab_size: logit columns returned (default the decoder's logical vocabulary).
+
+    Call :meth:`step` to decode: it passes the current slot, then advances the slot and ``cache.length``.
+    The extra attention over not-yet-written slots costs ``O(max_len)`` instead of ``O(length)`` per step: size
+    the cache to the request (prompt + new tokens), as the engine does.
+    """
+
+    def __init__(self, decoder: Decoder, cache: KVCache, vocab_size: int | None = None) -> None:
+        super().__init__()
+        if not FastDecodeStep.supports(decoder):
+            raise ValueError("StaticDecodeStep needs a chameleon_lite Decoder in eval mode (or with dropout=0)")
+        if cache.length < 1:
+            raise ValueError("StaticDecodeStep needs a prefilled cache (cache.length >= 1)")
+        config = decoder.config
+        self.decoder, self.cache = decoder, cache
+        self.vocab_size = vocab_size or config.vocab_size
+        weight = decoder.embed_tokens.weight
+        self.register_buffer("k", cache.k, persistent=False)  # (L, B, Hkv, S, hd), shares the cache's storage
+        self.register_buffer("v", cache.v, persistent=False)
+        length = cache.length
+        row_document = cache.document_ids[:, length - 1 : length]  # (B, 1)
+        cache.document_ids[:, length:] = row_document  # what Decoder.forward records for the new tokens
+        visible = cache.document_ids == row_document  # (B, S)
+        self.register_buffer("visible", visible[:, None, None, :].clone(), persistent=False)  # (B, 1, 1, S)
+        self.register_buffer("slot_index", torch.arange(cache.max_len, device=weight.device), persistent=False)
+        positions = torch.arange(config.max_seq_len, device=weight.device)[None]  # (1, P)
+        cos, sin = decoder.rotary(positions, weight.dtype)  # (1, P, hd) each
+        self.register_buffer("cos", cos[0].clone(), persistent=False)  # (P, hd)
+        self.register_buffer("sin", sin[0].clone(), persistent=False)
+        self.slot = torch.tensor(length, device=weight.device)  # next slot to write, a 0-d device tensor
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, vocab_size)`` (float32) of the next token after ``tokens`` ``(B,)`` at ``positions``
+        ``(B,)``, whose keys/values are written at cache slot ``slot`` (0-d tensor)."""
+        d = self.decoder
+        config = d.config
+        B = tokens.shape[0]
+        H, H_kv, hd = config.n_heads, config.n_kv_heads, config.head_dim
+        x = d.embed_tokens(tokens)[:, None]  # (B, 1, d)
+        cos = self.cos.index_select(0, positions)[:, None]  # (B, 1, hd)
+        sin = self.sin.index_select(0, positions)[:, None]  # (B, 1, hd)
+        mask = self.visible & (self.slot_index <= slot)  # (B, 1, 1, S)
+        where = slot.reshape(1)
+        for i, block in enumerate(d.layers):
+            attn = block.attn
+            h = x if config.swin_norm else block.attn_norm(x)
+            q = attn.q_norm(attn.q_proj(h).view(B, 1, H, hd)).transpose(1, 2)  # (B, H, 1, hd)
+            k = attn.k_norm(attn.k_proj(h).view(B, 1, H_kv, hd)).transpose(1, 2)  # (B, Hkv, 1, hd)
+            v = attn.v_proj(h).view(B, 1, H_kv, hd).transpose(1, 2)  # (B, Hkv, 1, hd)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            self.k[i].index_copy_(2, where, k)  # (B, Hkv, S, hd)
+            self.v[i].index_copy_(2, where, v)
+            q = q.reshape(B, H_kv, H // H_kv, hd)  # query head h = g * (H / Hkv) + r -> group g, row r
+            y = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask)  # (B, Hkv, H/Hkv, hd)
+            y = attn.o_proj(y.reshape(B, 1, H * hd))  # (B, 1, d)
+            if config.swin_norm:
+                x = x + block.attn_norm(y)
+                x = x + block.mlp_norm(block.mlp(x))
+            else:
+                x = x + y
+                x = x + block.mlp(block.mlp_norm(x))
+        return d.lm_head(d.norm(x))[:, 0, : self.vocab_size].float()  # (B, V)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, fn: Callable | None = None) -> torch.Tensor:
+        """Run ``fn`` (default ``self``; pass a compiled version) at the current slot, then advance it."""
+        self.cache.check_room(1)
+        logits = (self if fn is None else fn)(tokens, positions, self.slot)
+        self.slot += 1
+        self.cache.advance(1)
+        return logits
+
+    def rewind(self, length: int) -> None:
+        """Forget the decoded tokens: back to ``length`` cached tokens (the prompt)."""
+        self.cache.length = length
+        self.slot.fill_(length)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def prefill(decoder: Decoder, batch: int, prompt_len: int, max_len: int, vocab_size: int, seed: int) -> KVCache:
+    """A cache of ``max_len`` slots holding ``batch`` random text prompts of ``prompt_len`` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab_size, (batch, prompt_len), generator=g).to(decoder.embed_tokens.weight.device)
+    cache = decoder.new_cache(batch, max_len)
+    with torch.inference_mode():
+        decoder(ids, cache=cache)
+    return cache
+
+
+def clone_cache(cache: KVCache) -> KVCache:
+    copy = KVCache(cache.k.shape[0], cache.batch_size, cache.k.shape[2], cache.k.shape[4], cache.max_len,
+                   device=cache.k.device, dtype=cache.k.dtype)
+    copy.k.copy_(cache.k)
+    copy.v.copy_(cache.v)
+    copy.document_ids.copy_(cache.document_ids)
+    copy.length = cache.length
+    return copy
+
+
+def decode_loop(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tokens: torch.Tensor,
+                positions: torch.Tensor, n: int, mark_cudagraph_steps: bool = False) -> list[torch.Tensor]:
+    """``n`` greedy steps feeding the argmax back on the device; returns each step's logits argmax."""
+    positions = positions.clone()
+    out = []
+    for _ in range(n):
+        if mark_cudagraph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = step(tokens, positions)  # (B, V)
+        tokens = logits.argmax(-1)  # (B,)
+        out.append(tokens)
+        positions += 1
+    return out
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls (after one warm-up call), synchronised around each."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def reference_logits(decoder: Decoder, cache: KVCache, first: torch.Tensor, positions: torch.Tensor,
+                     n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``FastDecodeStep``'s logits over ``n`` greedy steps (on a copy of ``cache``) and the tokens it was fed."""
+    with torch.inference_mode():
+        fast = FastDecodeStep(decoder, clone_cache(cache))
+        tokens, positions = first, positions.clone()
+        fed, logits = [], []
+        for _ in range(n):
+            fed.append(tokens)
+            logits.append(fast(tokens, positions))  # (B, V)
+            tokens, positions = logits[-1].argmax(-1), positions + 1
+    return fed, logits
+
+
+def static_disagreement(static: StaticDecodeStep, fn: Callable | None, fed: list[torch.Tensor],
+                        reference: list[torch.Tensor], positions: torch.Tensor, prompt_len: int,
+                        mark_cudagraph_steps: bool = False) -> float:
+    """Largest relative L2 difference between the static step's logits (through ``fn``, e.g. compiled) and
+    ``reference`` when fed the same tokens from the prompt on."""
+    worst = 0.0
+    with torch.inference_mode():
+        static.rewind(prompt_len)
+        positions = positions.clone()
+        for tokens, expected in zip(fed, reference):
+            if mark_cudagraph_steps:
+                torch.compiler.cudagraph_mark_step_begin()
+            got = static.step(tokens, positions, fn)  # (B, V)
+            worst = max(worst, float((got - expected).double().norm() / expected.double().norm()))
+            positions += 1
+    return worst
+
+
+def _cudagraph_skips() -> int:
+    """How often inductor has declined to use CUDA graphs in this process (its counter; 0 if it moved)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["inductor"]["cudagraph_skips"])
+    except Exception:
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+def vs_transformers(device: torch.device, new_tokens: int, repeats: int) -> None:
+    """benchmarks/generation.py's text comparison (tiny config, batch 1, greedy, fp32, same mask) on ``device``."""
+    try:
+        import transformers
+    except ImportError:
+        print("vs transformers: skipped (transformers is not installed; pip install -e '.[dev]')")
+        return
+    spec = importlib.util.spec_from_file_location("bench_generation", Path(__file__).with_name("generation.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from chameleon_lite.sampling import ModalityConstraint, SamplingParams
+
+    transformers.logging.set_verbosity_error()
+    args = argparse.Namespace(d_model=256, n_layers=4, n_heads=8, vocab_size=5120, codebook_size=1024, init_std=0.1,
+                              prompt_len=16, new_tokens=new_tokens, seed=0)  # generation.py's defaults
+    vocab, ours, hf = bench.build_models(args)
+    ours, hf = ours.to(device), hf.to(device)
+    grid = (8, 8)
+    prompt = bench.text_prompt(vocab, args.prompt_len, args.seed)
+    allowed = ModalityConstraint(vocab, grid, "text").text_allowed.to(device)  # (V,)
+    input_ids = torch.tensor([prompt], device=device)  # (1, T)
+
+    def hf_mask(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores.masked_fill(~allowed, float("-inf"))
+
+    def run_hf() -> list[int]:
+        with torch.inference_mode():
+            out = hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, use_cache=True, logits_processor=[hf_mask],
+                              pad_token_id=vocab.pad, eos_token_id=vocab.eos)
+        return out[0, input_ids.shape[1] :].tolist()
+
+    greedy = SamplingParams(temperature=0.0, image_temperature=0.0)
+
+    def run_ours() -> list[int]:
+        return generate_ids(ours, vocab, grid, [prompt], mode="text", max_new_tokens=new_tokens, sampling=greedy)[0]
+
+    result = bench.median_seconds({"ours": run_ours, "hf": run_hf}, repeats)
+    (t_ours, ids_ours), (t_hf, ids_hf) = result["ours"], result["hf"]
+    print(f"vs transformers {transformers.__version__} (d_model 256, 4 layers, fp32, batch 1, {new_tokens} new, "
+          f"greedy): ours {len(ids_ours) / t_ours:,.1f} tok/s, transformers {len(ids_hf) / t_hf:,.1f} tok/s, "
+          f"ratio {(len(ids_ours) / t_ours) / (len(ids_hf) / t_hf):.2f}x; same tokens: {ids_ours == ids_hf} "
+          f"({len(ids_ours)} vs {len(ids_hf)} tokens)")
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--recipe", default="configs/native/small.yaml", help="native fit recipe giving the shape")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (only with --tiny)")
+    parser.add_argument("--tiny", action="store_true", help="smoke run: tiny recipe, short prompts, few steps")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=256, help="decode steps per timed run (step arms)")
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile'd static step (CUDA graphs)")
+    parser.add_argument("--cfg-scale", type=float, default=3.0)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per arm (median)")
+    parser.add_argument("--copy-bytes", type=int, default=1 << 30, help="bytes of the measured device copy")
+    parser.add_argument("--vs-transformers", action="store_true", help="also the tiny-config transformers ratio")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("CUDA is not available on this machine: this benchmark measures the GPU path. For a smoke run "
+                     "of the script on CPU use --device cpu --tiny")
+    if device.type == "cpu" and not args.tiny:
+        parser.error("on CPU only the smoke run is supported (--device cpu --tiny); the figures are for a GPU")
+    if args.tiny:
+        args.recipe = "configs/native/tiny.yaml" if args.recipe == parser.get_default("recipe") else args.recipe
+        args.batch_sizes = [b for b in args.batch_sizes if b <= 4] or [1]
+        args.prompt_len, args.new_tokens = min(args.prompt_len, 16), min(args.new_tokens, 16)
+        args.repeats, args.copy_bytes = min(args.repeats, 2), min(args.copy_bytes, 1 << 24)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as the engine decodes small models (fast_decode.decode_threads); shared cores stall
+
+    from omegaconf import OmegaConf
+
+    bundle = load_bundle(resolve_bundle_path(OmegaConf.load(args.recipe).data.init_args.tokenizer),
+                         load_image_tokenizer=False)
+    vocab, grid = bundle.vocab, tuple(bundle.image_grid)
+    config, _, _ = recipe_decoder_config(args.recipe, vocab.size)
+    config = replace(config, attention_backend="sdpa")  # decode attention always goes through SDPA
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(args.seed)
+    decoder = Decoder(config).to(device=device, dtype=dtype).eval()
+    dtype_bytes = torch.finfo(dtype).bits // 8
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+    bandwidth = measured_copy_bandwidth(device, args.copy_bytes, repeats=20 if device.type == "cuda" else 3)
+    spec_bandwidth = device_peak_bandwidth(name) if device.type == "cuda" else None
+    n_weights = sum(p.numel() for p in decoder.parameters())
+    print(f"device: {name} | torch {torch.__version__} | {str(dtype).removeprefix('torch.')} weights and KV cache | "
+          f"{time.strftime('%Y-%m-%d')}")
+    print(f"model: shape of {args.recipe}: d_model {config.d_model}, {config.n_layers} layers, {config.n_heads} heads "
+          f"({config.n_kv_heads} kv), vocab {config.vocab_size}, {n_weights / 1e6:.1f}M parameters "
+          f"({n_weights * dtype_bytes / 2**20:.0f} MiB); image grid {grid[0]}x{grid[1]}")
+    spec_text = f"{spec_bandwidth / 1e12:.2f} TB/s" if spec_bandwidth else "n/a"
+    print(f"memory bandwidth: measured copy {bandwidth / 1e12:.3f} TB/s ({args.copy_bytes / 2**20:.0f} MiB, read + "
+          f"write); datasheet {spec_text}")
+    print(f"decode: prompt {args.prompt_len} tokens, {args.new_tokens} steps per run, median of {args.repeats}")
+    if device.type == "cpu":
+        print("note: CPU smoke run; the weights fit in the CPU caches, so the DRAM-bandwidth bound means nothing here")
+    print()
+
+    rows: list[tuple] = []  # (batch, arm, tokens/s, ms/step, bound, datasheet bound, error)
+    max_len = args.prompt_len + args.new_tokens
+    mean_context = args.prompt_len + (args.new_tokens + 1) // 2
+    image_budget = bundle.image_tokens - 1  # codes (and <eol>s) then <eoi>
+    prompt = [vocab.bos, *range(10, 10 + max(1, args.prompt_len - 2)), vocab.boi]  # text then <boi>
+    for B in args.batch_sizes:
+        bound_bytes = decode_bytes_per_step(config, B, mean_context, dtype_bytes)
+        bound = speed_of_light_tokens_per_s(bound_bytes, bandwidth, B)
+        spec_bound = speed_of_light_tokens_per_s(bound_bytes, spec_bandwidth, B) if spec_bandwidth else None
+
+        def add(arm: str, seconds: float | None, tokens: int, steps: int, error: str | None = None) -> None:
+            rate = tokens / seconds if seconds else math.nan
+            ms = 1e3 * seconds / steps if seconds else math.nan
+            rows.append((B, arm, rate, ms, bound, spec_bound, error))
+            print(f"  batch {B:>2} {arm:<30} " + (f"FAILED {error}" if error else f"{rate:>10,.0f} tok/s"), flush=True)
+
+        # ---- the decode step alone: FastDecodeStep (the engine's), StaticDecodeStep eager / compiled
+        cache = prefill(decoder, B, args.prompt_len, max_len, vocab.n_text, args.seed)
+        first = torch.full((B,), vocab.bos, device=device)
+        positions = torch.full((B,), args.prompt_len, device=device)
+        n_tokens = B * args.new_tokens
+
+        fast_cache = clone_cache(cache)
+        with torch.inference_mode():
+            fast = FastDecodeStep(decoder, fast_cache)  # fuses the weights once, outside the timing
+
+        def fast_run() -> None:
+            fast_cache.length = args.prompt_len  # rewind to the prompt
+            with torch.inference_mode():
+                decode_loop(fast, first, positions, args.new_tokens)
+
+        add("fast step (eager)", timed(fast_run, device, args.repeats), n_tokens, args.new_tokens)
+
+        n_check = min(8, args.new_tokens)
+        fed, reference = reference_logits(decoder, cache, first, positions, n_check)
+        tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4  # two implementations, different rounding
+        with torch.inference_mode():
+            static = StaticDecodeStep(decoder, clone_cache(cache))
+
+        def static_run(fn: Callable | None = None, mark: bool = False) -> None:
+            with torch.inference_mode():
+                static.rewind(args.prompt_len)
+                decode_loop(lambda t, p: static.step(t, p, fn), first, positions, args.new_tokens, mark)
+
+        def check(label: str, fn: Callable | None, mark: bool = False) -> bool:
+            worst = static_disagreement(static, fn, fed, reference, positions, args.prompt_len, mark)
+            print(f"  batch {B:>2} {label} vs FastDecodeStep logits over {n_check} steps: max relative difference "
+                  f"{worst:.1e} (tolerance {tolerance:g})")
+            if not worst < tolerance:
+                add(label, None, 0, 1, f"disagrees with FastDecodeStep ({worst:.1e}); not timed")
+            return worst < tolerance
+
+        if check("static step (eager)", None):
+            add("static step (eager)", timed(static_run, device, args.repeats), n_tokens, args.new_tokens)
+        if args.compile:
+            cuda = device.type == "cuda"
+            label = "static step (compile, graphs)" if cuda else "static step (compile)"
+            try:
+                torch._dynamo.reset()
+                if cuda:  # the cache and tables keep their addresses: CUDA graphs may read and write them in place
+                    for buffer in static.buffers():
+                        torch._dynamo.mark_static_address(buffer)
+                skips_before = _cudagraph_skips()
+                # reduce-overhead = CUDA graphs of the whole step; fullgraph: a graph break is an error
+                compiled = torch.compile(static, mode="reduce-overhead" if cuda else None, fullgraph=True,
+                                         dynamic=False)
+                start = time.perf_counter()
+                static_run(compiled, cuda)  # compile (and record the graphs) outside the timing
+                print(f"  batch {B:>2} compile took {time.perf_counter() - start:.1f} s")
+                if cuda and _cudagraph_skips() > skips_before:  # inductor ran the step without graphs
+                    label = "static step (compile, NO graphs)"
+                    print(f"  batch {B:>2} CUDA graphs were skipped (TORCH_LOGS=perf_hints says why)")
+                if check(label, compiled, cuda):
+                    add(label, timed(lambda: static_run(compiled, cuda), device, args.repeats), n_tokens,
+                        args.new_tokens)
+            except Exception as error:  # report, keep the other figures
+                add(label, None, 0, 1, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+
+        # ---- the engine end to end: B images without and with guidance
+        def images(cfg_scale: float) -> None:
+            out = generate_ids(decoder, vocab, grid, [prompt] * B, mode="image", max_new_tokens=image_budget,
+                               seed=args.seed, cfg_scale=cfg_scale, use_eol=bundle.use_eol)
+            if any(len(ids) != image_budget or ids[-1] != vocab.eoi for ids in out):
+                raise RuntimeError("the engine wrote a malformed image")
+
+        plain = timed(lambda: images(1.0), device, args.repeats)
+        guided = timed(lambda: images(args.cfg_scale), device, args.repeats)
+        add("engine image, no CFG", plain, B * image_budget, image_budget)
+        add(f"engine image, cfg {args.cfg_scale:g}", guided, B * image_budget, image_budget)
+        print(f"  batch {B:>2} seconds per image: {plain / B:.4f} (no CFG), {guided / B:.4f} (cfg "
+              f"{args.cfg_scale:g}); CFG cost {guided / plain:.2f}x")
+
+    header = (f"{'batch':>5}  {'arm':<30} {'tokens/s':>11} {'ms/step':>8} {'bound tok/s':>12} {'of bound':>9} "
+              f"{'of datasheet bound':>19}")
+    print("\n" + header + "\n" + "-" * len(header))
+    for B, arm, rate, ms, bound, spec_bound, error in rows:
+        if error:
+            print(f"{B:>5}  {arm:<30} FAILED {error}")
+            continue
+        spec = f"{rate / spec_bound:.1%}" if spec_bound else "n/a"
+        print(f"{B:>5}  {arm:<30} {rate:>11,.0f} {ms:>8.3f} {bound:>12,.0f} {rate / bound:>9.1%} {spec:>19}")
+    batch1 = [r for r in rows if r[0] == 1 and not r[6] and math.isfinite(r[2])]
+    if batch1:
+        best = max(batch1, key=lambda r: r[2])
+        verdict = "goal met" if best[2] / best[4] >= GOAL_FRACTION else "goal NOT met"
+        if device.type == "cpu":
+            verdict = "no verdict on a CPU smoke run"
+        print(f"\nbatch 1 best: {best[1]}, {best[2] / best[4]:.1%} of the measured-bandwidth bound "
+              f"(goal >= {GOAL_FRACTION:.0%}): {verdict}")
+    if args.vs_transformers:
+        print()
+        vs_transformers(device, 32 if args.tiny else 256, 1 if args.tiny else 3)
+
+
+if __name__ == "__main__":
+    main()
