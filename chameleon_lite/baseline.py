@@ -141,8 +141,15 @@ class BaselineVLM(nn.Module):
         return self.projector.num_output_tokens(self.encoder.num_patches)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``(n, C, H, W)`` in [-1, 1] -> projected visual tokens ``(n, N, decoder.d_model)``."""
-        return self.projector(self.encoder(images))
+        """``(n, C, H, W)`` in [-1, 1] -> projected visual tokens ``(n, N, decoder.d_model)``.
+
+        A frozen encoder (no parameter requires grad) runs without building an autograd graph.
+        """
+        if any(p.requires_grad for p in self.encoder.parameters()):
+            return self.projector(self.encoder(images))
+        with torch.no_grad():
+            features = self.encoder(images)  # (n, n_patches, d_vit)
+        return self.projector(features)
 
     def embed_inputs(
         self, input_ids: torch.Tensor, images: torch.Tensor | None, loss_mask: torch.Tensor | None = None

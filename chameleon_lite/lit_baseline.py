@@ -38,13 +38,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from chameleon_lite.baseline import (
-    BaselineConfig,
-    BaselineVLM,
-    expand_placeholders,
-    next_token_targets,
-    parameter_counts,
-)
+from chameleon_lite.baseline import BaselineConfig, BaselineVLM, parameter_counts
 from chameleon_lite.baseline_io import load_baseline_config, load_state_into, write_baseline_dir
 from chameleon_lite.bundle import load_bundle
 from chameleon_lite.contrastive import (
@@ -328,18 +322,7 @@ class BaselineVLMModule(L.LightningModule):
         rank_zero_info(f"baseline stage {self.hparams.stage}: parameters {counts}, trainable {trainable:,}")
 
     def _forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        images = batch["images"]
-        if not self.trainable["encoder"]:
-            with torch.no_grad():
-                features = self.vlm.encoder(images)  # (B, n_patches, d_vit)
-            image_embeds = self.vlm.projector(features)
-            text_embeds = self.vlm.decoder.embed(batch["input_ids"])
-            embeds, ids, mask, _ = expand_placeholders(batch["input_ids"], text_embeds, image_embeds,
-                                                       self.vocab.image_placeholder, self.vocab.pad,
-                                                       batch["loss_mask"])
-            logits = self.vlm.decoder(inputs_embeds=embeds)  # (B, T', V_padded)
-            return logits, next_token_targets(ids, mask)
-        return self.vlm(images, batch["input_ids"], batch["loss_mask"])
+        return self.vlm(batch["images"], batch["input_ids"], batch["loss_mask"])  # a frozen encoder runs without grad
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits, targets = self._forward(batch)

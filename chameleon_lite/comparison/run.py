@@ -11,8 +11,8 @@ Writes ``OUT/metrics.json`` (every number, the config and the package version), 
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -72,8 +72,6 @@ def summarize_seeds(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float
 
 def _machine() -> dict[str, Any]:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    import os
-
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
 
@@ -184,11 +182,3 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
 
 def _qa_numbers(qa: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in qa.items() if k != "records"}
-
-
-def main_compare(config: str, out: str, overrides: list[str], progress: bool = True) -> Path:
-    """CLI entry: run and return the report path."""
-    result = compare(config, out, overrides=overrides, progress=progress)
-    with open(Path(out) / "metrics.json") as f:
-        json.load(f)  # the file written is valid JSON
-    return result["report"]
