@@ -53,6 +53,7 @@ from chameleon_lite.fast_decode import FastDecodeStep
 from chameleon_lite.generation import generate_ids
 from chameleon_lite.model import Decoder, apply_rotary
 from chameleon_lite.perf import (
+    benchmark_device,
     decode_bytes_per_step,
     device_peak_bandwidth,
     measured_copy_bandwidth,
@@ -314,12 +315,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("CUDA is not available on this machine: this benchmark measures the GPU path. For a smoke run "
-                     "of the script on CPU use --device cpu --tiny")
-    if device.type == "cpu" and not args.tiny:
-        parser.error("on CPU only the smoke run is supported (--device cpu --tiny); the figures are for a GPU")
+    device = benchmark_device(parser, args.device, args.tiny)
     if args.tiny:
         args.recipe = "configs/native/tiny.yaml" if args.recipe == parser.get_default("recipe") else args.recipe
         args.batch_sizes = [b for b in args.batch_sizes if b <= 4] or [1]

@@ -44,6 +44,7 @@ from chameleon_lite.bundle import load_bundle
 from chameleon_lite.lit_native import decoder_param_groups, flops_per_token
 from chameleon_lite.model import Decoder, DecoderConfig, next_token_loss
 from chameleon_lite.perf import (
+    benchmark_device,
     device_peak_flops,
     measured_matmul_flops,
     mfu,
@@ -157,12 +158,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("CUDA is not available on this machine: this benchmark measures the GPU path. For a smoke run "
-                     "of the script on CPU use --device cpu --tiny")
-    if device.type == "cpu" and not args.tiny:
-        parser.error("on CPU only the smoke run is supported (--device cpu --tiny); the figures are for a GPU")
+    device = benchmark_device(parser, args.device, args.tiny)
     if args.tiny:
         args.recipe = "configs/native/tiny.yaml" if args.recipe == parser.get_default("recipe") else args.recipe
         args.batch_size, args.seq_len = args.batch_size or 2, args.seq_len or 128

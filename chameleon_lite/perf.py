@@ -348,3 +348,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def benchmark_device(parser: argparse.ArgumentParser, device: str, tiny: bool) -> torch.device:
+    """The device a GPU benchmark runs on; ``parser.error`` without CUDA, or on CPU outside the ``--tiny`` smoke run."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        parser.error("CUDA is not available on this machine: this benchmark measures the GPU path. For a smoke run "
+                     "of the script on CPU use --device cpu --tiny")
+    if dev.type == "cpu" and not tiny:
+        parser.error("on CPU only the smoke run is supported (--device cpu --tiny); the figures are for a GPU")
+    return dev
