@@ -1,4 +1,4 @@
-"""Training tokens/s and MFU of the decoder on one GPU: eager vs torch.compile, xformers vs SDPA, packing masks on/off.
+"""Training tokens/s and MFU of the decoder on one GPU: eager vs torch.compile, SDPA vs xformers vs flex, packing masks.
 
 NOT YET RUN ON A GPU: written on a CPU-only machine; only the ``--device cpu --tiny`` smoke run has been executed.
 See benchmarks/README.md ("CUDA (issue 9)") for what is still to be measured.
@@ -12,10 +12,12 @@ with z-loss, backward, gradient clipping at 1.0, fused AdamW; ``--warmup`` untim
 there), then ``--steps`` timed ones between two device synchronisations (no host sync inside). Variants:
 
 - ``eager`` / ``compile``: ``Decoder.compile()`` in place, as ``NativeLMModule(compile=True)``.
-- ``sdpa`` / ``xformers``: ``DecoderConfig.attention_backend`` (xformers only on CUDA with xformers installed).
+- ``sdpa`` / ``xformers`` / ``flex``: ``DecoderConfig.attention_backend`` (xformers only on CUDA with xformers
+  installed; flex only on CUDA, since PyTorch has no flex backward on CPU).
 - ``masks`` / ``nomask``: with ``document_ids`` (attention stays inside each packed document: SDPA gets a boolean
-  ``(B, 1, T, T)`` mask, xformers a block-diagonal bias) or without (plain causal over the whole row: SDPA may use
-  its flash kernel). The difference is what the packing masks cost.
+  ``(B, 1, T, T)`` mask, xformers a block-diagonal bias, flex a document-causal block mask) or without (plain causal
+  over the whole row: SDPA may use its flash kernel). The difference is what the packing masks cost. There is no
+  ``flex-nomask``: without documents the flex backend makes the same SDPA call as ``sdpa-nomask``.
 
 MFU = tokens/s x ``lit_native.flops_per_token(config, seq_len)`` / peak, against two peaks: the datasheet's dense
 bf16 figure for the device (``perf.device_peak_flops``) and a large bf16 matmul measured in the same run
@@ -39,7 +41,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from chameleon_lite.attention import xformers_available
+from chameleon_lite.attention import flex_attention_available, xformers_available
 from chameleon_lite.bundle import load_bundle
 from chameleon_lite.lit_native import decoder_param_groups, flops_per_token
 from chameleon_lite.model import Decoder, DecoderConfig, next_token_loss
@@ -63,7 +65,7 @@ class Variant:
     """One combination of switches."""
 
     compile: bool
-    backend: str  # "sdpa" | "xformers"
+    backend: str  # "sdpa" | "xformers" | "flex"
     masks: bool  # pass document_ids
 
     @property
@@ -83,8 +85,11 @@ class Result:
 
 
 def all_variants(device: torch.device) -> list[Variant]:
-    backends = ["sdpa"] + (["xformers"] if device.type == "cuda" and xformers_available() else [])
-    return [Variant(c, b, m) for c, b, m in itertools.product((False, True), backends, (True, False))]
+    cuda = device.type == "cuda"
+    backends = ["sdpa"] + (["xformers"] if cuda and xformers_available() else [])
+    backends += ["flex"] if cuda and flex_attention_available() else []
+    return [Variant(c, b, m) for c, b, m in itertools.product((False, True), backends, (True, False))
+            if m or b != "flex"]
 
 
 def run_variant(variant: Variant, config: DecoderConfig, batches: list[dict], steps: int, warmup: int,
@@ -98,6 +103,7 @@ def run_variant(variant: Variant, config: DecoderConfig, batches: list[dict], st
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(seed)
     decoder = Decoder(replace(config, attention_backend=variant.backend)).to(device).train()
+    decoder.attention_backend(device)  # resolve (and log) outside the compiled forward
     if variant.compile:
         decoder.compile()
     optimizer = torch.optim.AdamW(decoder_param_groups(decoder, 0.1), lr=3e-4, betas=(0.9, 0.95),

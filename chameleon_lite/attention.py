@@ -1,6 +1,6 @@
 """Attention backends, attention masks and the KV cache used by the decoder.
 
-Two backends compute the same thing (softmax(q k^T / sqrt(d)) v under a causal, document-restricted mask):
+Three backends compute the same thing (softmax(q k^T / sqrt(d)) v under a causal, document-restricted mask):
 
 * ``"sdpa"``: PyTorch ``F.scaled_dot_product_attention``. Works everywhere (CPU, CUDA, MPS). A single
   document without a cache uses ``is_causal=True`` (lets PyTorch pick the flash kernel); packed sequences
@@ -10,19 +10,27 @@ Two backends compute the same thing (softmax(q k^T / sqrt(d)) v under a causal, 
   concatenated documents, so no ``(T, T)`` mask is materialised). CUDA only; xformers is imported lazily
   and is an optional dependency. Calls with a KV cache (incremental decoding) always go through SDPA: the
   mask there is tiny and decode is memory bound.
+* ``"flex"``: PyTorch ``flex_attention`` (torch >= 2.5) with a document-causal ``BlockMask``: a fused kernel
+  that skips fully masked blocks, so packed documents keep a flash-style kernel without xformers (SDPA with a
+  boolean mask cannot use its flash kernel). Used only for packed documents without a cache; plain causal
+  forwards and cached decoding go through SDPA. On CUDA ``flex_attention`` is compiled once (uncompiled it
+  materialises the full score matrix). On CPU it runs eager and forward only: PyTorch has no flex backward on
+  CPU, so training with ``"flex"`` needs CUDA. No attention dropout.
 
-``resolve_backend("auto", device)`` picks xformers on CUDA when it is installed, SDPA otherwise; the
-decoder resolves once per device type and logs the choice.
+``resolve_backend("auto", device)`` picks xformers on CUDA when it is installed, SDPA otherwise (``"flex"`` is
+opt-in); the decoder resolves once per device type and logs the choice.
 
 Documents: ``document_ids`` ``(B, T)`` label each token; a token attends to earlier tokens (and itself)
 carrying the same id. Ids are expected to form contiguous runs (what packing produces); the xformers path
-treats every run as its own document, SDPA compares ids, so only non-contiguous repeats would differ.
+treats every run as its own document, SDPA and flex compare ids, so only non-contiguous repeats would differ.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +39,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS: tuple[str, ...] = ("auto", "sdpa", "xformers")
+BACKENDS: tuple[str, ...] = ("auto", "sdpa", "xformers", "flex")
 
 
 # ---------------------------------------------------------------------------------------------- backend choice
@@ -40,17 +48,28 @@ def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
 
 
+def flex_attention_available() -> bool:
+    """True when this torch has ``torch.nn.attention.flex_attention`` (torch >= 2.5)."""
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
 def resolve_backend(requested: str, device: torch.device | str) -> str:
-    """Turn a requested backend (``"auto" | "sdpa" | "xformers"``) into the one used on ``device``.
+    """Turn a requested backend (``"auto" | "sdpa" | "xformers" | "flex"``) into the one used on ``device``.
 
     Raises:
-        ValueError: unknown name, or ``"xformers"`` forced without CUDA or without xformers installed.
+        ValueError: unknown name, ``"xformers"`` forced without CUDA or without xformers installed, or
+            ``"flex"`` on a torch without ``flex_attention``.
     """
     if requested not in BACKENDS:
         raise ValueError(f"attention_backend={requested!r} is not one of {BACKENDS}")
     device_type = torch.device(device).type
     if requested == "sdpa":
         return "sdpa"
+    if requested == "flex":
+        if not flex_attention_available():
+            raise ValueError(f"attention_backend='flex' needs torch >= 2.5 (torch {torch.__version__} has no "
+                             "torch.nn.attention.flex_attention). Use 'auto' or 'sdpa'.")
+        return "flex"
     if requested == "xformers":
         if device_type != "cuda":
             raise ValueError(
@@ -142,13 +161,15 @@ class AttentionMask:
     """What every layer of one forward needs to mask attention; built once by :func:`build_attention_mask`.
 
     Exactly one of: ``is_causal`` (plain causal, SDPA), ``sdpa_mask`` (boolean ``(B or 1, 1, T_q, T_k)``,
-    True = may attend) or ``xformers_bias`` (an xformers attention-bias object; q/k/v are flattened to one row).
+    True = may attend), ``xformers_bias`` (an xformers attention-bias object; q/k/v are flattened to one row)
+    or ``flex_block_mask`` (a flex-attention ``BlockMask`` for ``(B, ·, T, T)``).
     """
 
     backend: str
     is_causal: bool = False
     sdpa_mask: torch.Tensor | None = None
     xformers_bias: Any = None
+    flex_block_mask: Any = None
 
 
 def positions_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor:
@@ -185,7 +206,7 @@ def build_attention_mask(
     """Build the causal (and same-document) mask for one forward.
 
     Args:
-        backend: a resolved backend (``"sdpa"`` or ``"xformers"``).
+        backend: a resolved backend (``"sdpa"``, ``"xformers"`` or ``"flex"``).
         document_ids: ``(B, T_q)`` for a plain forward; with a ``cache`` pass the ids of ALL tokens so far,
             ``(B, cache.length + T_q)`` (see :meth:`KVCache.append_document_ids`).
         cache: the KV cache before this forward's tokens were added (its ``length`` is the offset).
@@ -201,7 +222,11 @@ def build_attention_mask(
         else:
             lengths = document_lengths(document_ids)
         return AttentionMask(backend, xformers_bias=fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(lengths))
-    if backend not in ("sdpa", "xformers"):
+    if backend == "flex" and cache is None and document_ids is not None:
+        if document_ids.shape != (batch_size, q_len):
+            raise ValueError(f"document_ids has shape {tuple(document_ids.shape)}, expected {(batch_size, q_len)}")
+        return AttentionMask(backend, flex_block_mask=document_causal_block_mask(document_ids))
+    if backend not in ("sdpa", "xformers", "flex"):
         raise ValueError(f"unresolved attention backend {backend!r}; call resolve_backend first")
 
     if document_ids is None and offset == 0:
@@ -216,6 +241,49 @@ def build_attention_mask(
         same_doc = document_ids[:, offset:, None] == document_ids[:, None, :]  # (B, T_q, T_k)
         mask = mask & same_doc[:, None]  # (B, 1, T_q, T_k)
     return AttentionMask("sdpa", sdpa_mask=mask)
+
+
+def document_causal_block_mask(document_ids: torch.Tensor) -> Any:
+    """A flex-attention ``BlockMask`` letting token ``q`` see token ``k`` iff ``k <= q`` and both share a document.
+
+    Args:
+        document_ids: ``(B, T)``.
+
+    The mask is built with a compiled ``create_block_mask`` on CUDA (eager on CPU). Blocks of 128x128 with no
+    visible pair are skipped by the kernel; a batch of many short documents is therefore cheap.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask  # lazy: torch >= 2.5
+
+    B, T = document_ids.shape
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+
+    compile_mask = document_ids.device.type == "cuda" and not torch.compiler.is_compiling()  # dynamo traces it
+    return create_block_mask(document_causal, B, None, T, T, device=document_ids.device, _compile=compile_mask)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention  # lazy: torch >= 2.5
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, dropout_p: float) -> torch.Tensor:
+    if dropout_p > 0:
+        raise ValueError("attention_backend='flex' has no attention dropout; use dropout=0 or the 'sdpa' backend")
+    n_rep = q.shape[1] // k.shape[1]
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling():  # inside a compiled decoder: dynamo lowers flex_attention to its fused kernel
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=n_rep > 1)
+    if q.device.type == "cuda":
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=n_rep > 1)
+
+    with warnings.catch_warnings():  # "called without torch.compile": expected on CPU, where it is forward-only
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=n_rep > 1)
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -237,6 +305,8 @@ def attend(
     n_rep = H // k.shape[1]
     if mask.xformers_bias is not None:
         return _xformers_attend(q, k, v, mask.xformers_bias, dropout_p)
+    if mask.flex_block_mask is not None:
+        return _flex_attend(q, k, v, mask.flex_block_mask, dropout_p)
     if mask.sdpa_mask is None:
         # no explicit mask: flash/efficient kernels support GQA natively
         return F.scaled_dot_product_attention(

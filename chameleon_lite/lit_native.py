@@ -227,6 +227,9 @@ class NativeLMModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams.compile and not self._compiled:
+            # resolve (and log) the attention backend first: doing it inside the compiled forward is a graph break
+            device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+            self.decoder.attention_backend(device)
             self.decoder.compile()
             self._compiled = True
 

@@ -20,7 +20,7 @@ Notable features:
   caller (``attention.positions_from_document_ids`` derives restarting positions).
 - Input ids or input embeddings (the baseline arm feeds projected image features).
 - KV cache (``attention.KVCache``) for incremental decoding; gradient checkpointing per block.
-- Attention backend (``"auto" | "sdpa" | "xformers"``) resolved once per device type and logged.
+- Attention backend (``"auto" | "sdpa" | "xformers" | "flex"``) resolved once per device type and logged.
 - Init: ``normal(0, init_std)`` everywhere, residual output projections scaled by ``1/sqrt(2 * n_layers)``.
 """
 
@@ -65,7 +65,7 @@ class DecoderConfig:
         z_loss_weight: weight of the z-loss; read by the training code and passed to ``next_token_loss``.
         dropout: attention-probability and residual dropout.
         tie_embeddings: share the input embedding and the output projection.
-        attention_backend: ``"auto"``, ``"sdpa"`` or ``"xformers"``.
+        attention_backend: ``"auto"``, ``"sdpa"``, ``"xformers"`` or ``"flex"`` (see ``chameleon_lite.attention``).
         init_std: std of the normal init.
         gradient_checkpointing: recompute each block in the backward pass (training only).
     """

@@ -1,5 +1,5 @@
-"""The CUDA path (issue 9): xformers vs SDPA, bf16-mixed stability, DDP/FSDP on one GPU, activation checkpointing and
-``torch.compile`` vs eager, cached generation on the GPU.
+"""The CUDA path (issue 9): xformers and flex vs SDPA, bf16-mixed stability, DDP/FSDP on one GPU, activation
+checkpointing and ``torch.compile`` vs eager, cached generation on the GPU.
 
 Every test here is marked ``cuda`` and skipped without a CUDA device; the default test command deselects them.
 Run them on a GPU machine with::
@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from chameleon_lite.attention import attend, build_attention_mask, xformers_available
+from chameleon_lite.attention import attend, build_attention_mask, flex_attention_available, xformers_available
 from chameleon_lite.bundle import load_bundle
 from chameleon_lite.fast_decode import FastDecodeStep
 from chameleon_lite.generation import generate_ids
@@ -34,6 +34,8 @@ from chameleon_lite.vocab import Vocab
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 needs_xformers = pytest.mark.skipif(not xformers_available(), reason="xformers is not installed")
+needs_flex = pytest.mark.skipif(not flex_attention_available(), reason="this torch has no flex_attention")
+FUSED_BACKENDS = [pytest.param("xformers", marks=needs_xformers), pytest.param("flex", marks=needs_flex)]
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "tokenizers" / "shapes-64"
@@ -62,7 +64,7 @@ def flat_grads(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.double().flatten() for p in module.parameters() if p.grad is not None])
 
 
-# ---------------------------------------------------------------------------------------------- xformers vs SDPA
+# ---------------------------------------------------------------------------------------------- xformers/flex vs SDPA
 def random_documents(batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
     """``(B, T)`` contiguous runs of document ids of random lengths."""
     g = torch.Generator().manual_seed(seed)
@@ -76,8 +78,8 @@ def random_documents(batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
     return ids
 
 
-@needs_xformers
-def test_xformers_and_sdpa_attention_agree_on_packed_documents() -> None:
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_fused_and_sdpa_attention_agree_on_packed_documents(backend: str) -> None:
     B, H, H_kv, T, hd = 2, 8, 2, 256, 64
     g = torch.Generator().manual_seed(0)
     q32, k32, v32 = (torch.randn(B, h, T, hd, generator=g) for h in (H, H_kv, H_kv))
@@ -93,17 +95,17 @@ def test_xformers_and_sdpa_attention_agree_on_packed_documents() -> None:
 
     reference = run("sdpa", torch.float32)
     sdpa = run("sdpa", torch.bfloat16)
-    xformers = run("xformers", torch.bfloat16)
+    fused = run(backend, torch.bfloat16)
     names = ("out", "dq", "dk", "dv")
-    for name, x, s, r in zip(names, xformers, sdpa, reference):
+    for name, x, s, r in zip(names, fused, sdpa, reference):
         limit = 1e-2 if name == "out" else 2e-2
-        print(f"{name}: xformers vs fp32 {rel_err(x, r):.2e}, sdpa vs fp32 {rel_err(s, r):.2e}, "
-              f"xformers vs sdpa {rel_err(x, s):.2e}")
+        print(f"{name}: {backend} vs fp32 {rel_err(x, r):.2e}, sdpa vs fp32 {rel_err(s, r):.2e}, "
+              f"{backend} vs sdpa {rel_err(x, s):.2e}")
         assert rel_err(x, r) < limit and rel_err(s, r) < limit and rel_err(x, s) < limit, name
 
-    # documents are isolated on the xformers path: changing document 0 of row 0 changes nothing else
+    # documents are isolated on the fused path: changing document 0 of row 0 changes nothing else
     q, k, v = (t.to(CUDA, torch.bfloat16) for t in (q32, k32, v32))
-    mask = build_attention_mask("xformers", batch_size=B, q_len=T, device=CUDA, document_ids=document_ids)
+    mask = build_attention_mask(backend, batch_size=B, q_len=T, device=CUDA, document_ids=document_ids)
     first_doc = document_ids[0] == 0  # (T,)
     v2 = v.clone()
     v2[0, :, first_doc] += 3.0
@@ -112,13 +114,13 @@ def test_xformers_and_sdpa_attention_agree_on_packed_documents() -> None:
     assert not changed[0][:, ~first_doc].any() and not changed[1].any()
 
 
-@needs_xformers
-def test_xformers_and_sdpa_decoders_agree_forward_and_backward(vocab: Vocab) -> None:
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_fused_and_sdpa_decoders_agree_forward_and_backward(vocab: Vocab, backend: str) -> None:
     batch = packed_batches(vocab, 1, batch_size=4, seq_len=256, device=CUDA)[0]
     torch.manual_seed(0)
     sdpa = Decoder(replace(SMALL, vocab_size=vocab.size, attention_backend="sdpa")).to(CUDA)
-    xformers = Decoder(replace(sdpa.config, attention_backend="xformers")).to(CUDA)
-    xformers.load_state_dict(sdpa.state_dict())
+    fused = Decoder(replace(sdpa.config, attention_backend=backend)).to(CUDA)
+    fused.load_state_dict(sdpa.state_dict())
 
     def run(decoder: Decoder, bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         decoder.zero_grad(set_to_none=True)
@@ -129,13 +131,13 @@ def test_xformers_and_sdpa_decoders_agree_forward_and_backward(vocab: Vocab) -> 
         loss.backward()
         return logits[..., : vocab.size].detach().float(), loss.detach(), flat_grads(decoder)
 
-    assert xformers.attention_backend(CUDA) == "xformers" and sdpa.attention_backend(CUDA) == "sdpa"
+    assert fused.attention_backend(CUDA) == backend and sdpa.attention_backend(CUDA) == "sdpa"
     ref_logits, ref_loss, ref_grads = run(sdpa, bf16=False)
     s_logits, s_loss, s_grads = run(sdpa, bf16=True)
-    x_logits, x_loss, x_grads = run(xformers, bf16=True)
-    print(f"logits rel err: xformers {rel_err(x_logits, ref_logits):.2e}, sdpa {rel_err(s_logits, ref_logits):.2e}; "
-          f"grads: xformers {rel_err(x_grads, ref_grads):.2e}, sdpa {rel_err(s_grads, ref_grads):.2e}, "
-          f"xformers vs sdpa {rel_err(x_grads, s_grads):.2e}")
+    x_logits, x_loss, x_grads = run(fused, bf16=True)
+    print(f"logits rel err: {backend} {rel_err(x_logits, ref_logits):.2e}, sdpa {rel_err(s_logits, ref_logits):.2e}; "
+          f"grads: {backend} {rel_err(x_grads, ref_grads):.2e}, sdpa {rel_err(s_grads, ref_grads):.2e}, "
+          f"{backend} vs sdpa {rel_err(x_grads, s_grads):.2e}")
     assert rel_err(x_logits, s_logits) < 2e-2 and rel_err(x_grads, s_grads) < 4e-2
     for logits, grads in ((x_logits, x_grads), (s_logits, s_grads)):
         assert rel_err(logits, ref_logits) < 3e-2 and rel_err(grads, ref_grads) < 6e-2
@@ -250,7 +252,7 @@ def test_activation_checkpointing_keeps_the_losses(vocab: Vocab) -> None:
     assert eager[-1] < eager[0]
 
 
-@pytest.mark.parametrize("backend", ["sdpa", pytest.param("xformers", marks=needs_xformers)])
+@pytest.mark.parametrize("backend", ["sdpa", *FUSED_BACKENDS])
 def test_torch_compile_keeps_the_losses(vocab: Vocab, backend: str) -> None:
     batches = packed_batches(vocab, 2, alphabet=16, device=CUDA)
     eager = plain_losses(seeded_decoder(vocab, attention_backend=backend), batches, 8)

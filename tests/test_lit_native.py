@@ -377,9 +377,16 @@ def test_checkpoint_resume_is_exact(tmp_path, vocab):
 
 @pytest.mark.slow
 def test_compiled_decoder_trains_and_exports(tmp_path, vocab):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     batch = make_batch(vocab)
     module = tiny_module(compile=True)
     trainer(tmp_path, 3, callbacks=[ExportModelDir()]).fit(module, train_dataloaders=loader([batch] * 3))
     assert module._compiled
+    # the backend is resolved before compiling: one graph, no break, no recompile over 3 steps
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     loaded = ChameleonLite.from_pretrained(tmp_path / "model")
     assert all(torch.equal(v, module.decoder.state_dict()[k]) for k, v in loaded.decoder.state_dict().items())
