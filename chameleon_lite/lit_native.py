@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from chameleon_lite.bundle import load_bundle
 from chameleon_lite.model import IGNORE_INDEX, Decoder, DecoderConfig, next_token_loss
+from chameleon_lite.perf import resolve_peak_flops
 from chameleon_lite.pretrained import resolve_bundle_path, write_model_dir
 from chameleon_lite.schedules import warmup_cosine
 
@@ -163,7 +164,9 @@ class NativeLMModule(L.LightningModule):
         z_loss_weight: weight of the z-loss; None takes ``model.z_loss_weight``.
         on_nonfinite: ``"raise"`` (RuntimeError naming the global step) or ``"skip"`` (drop the step, warn, count).
         compile: ``torch.compile`` the decoder (in place; the state dict keeps its names).
-        peak_flops: peak FLOP/s of one device (e.g. ``989e12`` for an H100 SXM in bf16) to log ``train/mfu``.
+        peak_flops: peak FLOP/s of one device (e.g. ``989e12`` for an H100 SXM in bf16) to log ``train/mfu``;
+            ``"auto"`` takes the datasheet figure of the training GPU (``perf.resolve_peak_flops``; no MFU, with a
+            warning, on a CPU or an unlisted GPU).
         seed: seed of the weight initialisation (the global RNG is left untouched).
     """
 
@@ -180,7 +183,7 @@ class NativeLMModule(L.LightningModule):
         z_loss_weight: float | None = None,
         on_nonfinite: Literal["raise", "skip"] = "raise",
         compile: bool = False,
-        peak_flops: float | None = None,
+        peak_flops: float | Literal["auto"] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -192,8 +195,10 @@ class NativeLMModule(L.LightningModule):
             raise ValueError(f"betas={betas} must be two numbers in [0, 1)")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite={on_nonfinite!r} must be 'raise' or 'skip'")
-        if peak_flops is not None and peak_flops <= 0:
-            raise ValueError(f"peak_flops={peak_flops} must be > 0 or None")
+        if isinstance(peak_flops, str) and peak_flops != "auto":
+            raise ValueError(f"peak_flops={peak_flops!r} must be a number > 0, 'auto' or None")
+        if peak_flops is not None and not isinstance(peak_flops, str) and peak_flops <= 0:
+            raise ValueError(f"peak_flops={peak_flops} must be > 0, 'auto' or None")
         if z_loss_weight is not None and z_loss_weight < 0:
             raise ValueError(f"z_loss_weight={z_loss_weight} must be >= 0")
 
@@ -221,6 +226,7 @@ class NativeLMModule(L.LightningModule):
         self._seq_len = 0
         self._window_start: float | None = None
         self._window_tokens = 0.0
+        self._peak_flops: float | None = None  # resolved from the peak_flops argument in on_train_start
         self._val_stats: Tensor | None = None
 
     # ---- model -------------------------------------------------------------------------------------------------
@@ -273,6 +279,14 @@ class NativeLMModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._window_start = None
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        self._peak_flops = resolve_peak_flops(self.hparams.peak_flops, self.device, precision)
+        if self.hparams.peak_flops == "auto":
+            if self._peak_flops is None:
+                rank_zero_warn(f"peak_flops='auto': no datasheet peak for {self.device} at precision {precision}; "
+                               "train/mfu is not logged")
+            else:
+                rank_zero_info(f"peak_flops='auto': {self._peak_flops:.4g} FLOP/s per device for MFU")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Grad norm, the non-finite check and the per-step logging, with one host sync."""
@@ -329,9 +343,9 @@ class NativeLMModule(L.LightningModule):
                 metrics[f"train/{name}_loss"] = s[f"{name}_sum"] / s[f"{name}_n"]
         if tokens_per_s is not None:
             metrics["train/tokens_per_s"] = tokens_per_s
-            if self.hparams.peak_flops:
+            if self._peak_flops:
                 flops_per_s = tokens_per_s / self._world_size() * flops_per_token(self.config, self._seq_len)
-                metrics["train/mfu"] = flops_per_s / self.hparams.peak_flops
+                metrics["train/mfu"] = flops_per_s / self._peak_flops
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def _update_throughput(self, tokens: float) -> float | None:

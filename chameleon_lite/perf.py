@@ -92,6 +92,28 @@ def device_peak_bandwidth(name: str) -> float | None:
     return None if spec is None else spec.memory_bandwidth
 
 
+def resolve_peak_flops(peak_flops: float | str | None, device: torch.device | str, precision: str) -> float | None:
+    """The peak FLOP/s used for MFU: a number as given, or ``"auto"``: the datasheet figure of ``device``.
+
+    Args:
+        peak_flops: FLOP/s, ``"auto"`` or None (no MFU).
+        device: the training device.
+        precision: Lightning's precision string (``"bf16-mixed"``, ``"16-mixed"``, ``"32-true"``, ...).
+
+    Returns None for ``"auto"`` when there is no datasheet figure: a CPU, a GPU missing from the table, or a
+    precision other than bf16/fp16 (the table holds 16-bit tensor-core figures only).
+    """
+    if peak_flops is None or not isinstance(peak_flops, str):
+        return peak_flops
+    if peak_flops != "auto":
+        raise ValueError(f"peak_flops={peak_flops!r} must be a number, 'auto' or None")
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    dtype = torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
+    return device_peak_flops(torch.cuda.get_device_name(device), dtype)
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: ``tokens_per_s * flops_per_token / peak_flops`` (a fraction, not a percentage)."""
     for name, value in (("tokens_per_s", tokens_per_s), ("flops_per_token", flops_per_token),

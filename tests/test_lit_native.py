@@ -179,6 +179,18 @@ def test_training_lowers_loss_and_logs_every_step(tmp_path, vocab):
     assert logged[0]["train/grad_norm"] > 0
 
 
+def test_peak_flops_auto_on_cpu_warns_and_logs_no_mfu(tmp_path, vocab):
+    with pytest.raises(ValueError, match="'auto'"):
+        tiny_module(peak_flops="max")
+    module = tiny_module(peak_flops="auto")
+    recorder = _Recorder()
+    batch = make_batch(vocab)
+    with pytest.warns(UserWarning, match="no datasheet peak for cpu"):
+        trainer(tmp_path, 3, callbacks=[recorder]).fit(module, train_dataloaders=loader([batch] * 3))
+    assert all("train/tokens_per_s" in m for m in recorder.metrics[1:])
+    assert not any("train/mfu" in m for m in recorder.metrics)
+
+
 class _CaptureLogger(Logger):
     name, version = "capture", 0
 

@@ -59,6 +59,20 @@ def test_unknown_device_or_dtype_gives_none() -> None:
     assert perf.device_peak_flops("NVIDIA H100 80GB HBM3", torch.float32) is None
 
 
+def test_resolve_peak_flops(monkeypatch) -> None:
+    assert perf.resolve_peak_flops(1e12, "cpu", "32-true") == 1e12  # a number passes through
+    assert perf.resolve_peak_flops(None, "cuda", "bf16-mixed") is None
+    assert perf.resolve_peak_flops("auto", "cpu", "bf16-mixed") is None  # no datasheet figure for a CPU
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert perf.resolve_peak_flops("auto", "cuda", "bf16-mixed") == 989.4e12
+    assert perf.resolve_peak_flops("auto", "cuda:0", "16-mixed") == 989.4e12
+    assert perf.resolve_peak_flops("auto", "cuda", "32-true") is None  # the table holds 16-bit figures only
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
+    assert perf.resolve_peak_flops("auto", "cuda", "bf16-mixed") is None
+    with pytest.raises(ValueError, match="'auto'"):
+        perf.resolve_peak_flops("max", "cuda", "bf16-mixed")
+
+
 # ---------------------------------------------------------------------------------------------- measuring
 class _FakeClock:
     """perf_counter replacement: returns the given times in order."""
