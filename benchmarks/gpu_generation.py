@@ -10,12 +10,13 @@ default 1 and 16), after a prefill of ``--prompt-len`` tokens, ``--new-tokens`` 
 
 - ``fast step``: the engine's decode step (``fast_decode.FastDecodeStep``, eager), feeding the argmax back on the
   device (no sampling, no host sync inside the timed loop);
-- ``static step``: :class:`StaticDecodeStep` below, the same math with static shapes (the slot of the new token is a
-  tensor; attention reads the whole preallocated cache under a mask; grouped-query heads without copies), checked
-  first against ``FastDecodeStep``'s logits; eager, and with ``--compile`` also ``torch.compile(mode=
+- ``static step``: ``static_decode.StaticDecodeStep``, the same math with static shapes (the slot of the new token
+  is a tensor; attention reads the whole preallocated cache under a mask; grouped-query heads without copies),
+  checked first against ``FastDecodeStep``'s logits; eager, and with ``--compile`` also ``torch.compile(mode=
   "reduce-overhead")`` (CUDA graphs of the whole step; on CPU plain inductor);
 - ``engine``: ``generate_ids(mode="image")`` end to end (packed prefill, constraint, sampling, host checks), ``B``
-  images, with ``cfg_scale`` 1 and ``--cfg-scale`` (guidance doubles the rows): tokens/s and seconds per image.
+  images, with ``cfg_scale`` 1 and ``--cfg-scale`` (guidance doubles the rows): tokens/s and seconds per image;
+  on CUDA also with ``decode_step="cuda_graph"`` (the static step captured once per call and replayed).
 
 Speed of light: ``perf.decode_bytes_per_step(config, B, mean context, 2)`` (every non-embedding weight, the head's
 ``vocab_size`` rows, one embedding row per token, the KV cache of the mean context) at the copy bandwidth measured
@@ -44,14 +45,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from chameleon_lite.attention import KVCache
 from chameleon_lite.bundle import load_bundle
 from chameleon_lite.fast_decode import FastDecodeStep
 from chameleon_lite.generation import generate_ids
-from chameleon_lite.model import Decoder, apply_rotary
+from chameleon_lite.model import Decoder
 from chameleon_lite.perf import (
     benchmark_device,
     decode_bytes_per_step,
@@ -62,102 +61,9 @@ from chameleon_lite.perf import (
     synchronize,
 )
 from chameleon_lite.pretrained import resolve_bundle_path
+from chameleon_lite.static_decode import StaticDecodeStep
 
 GOAL_FRACTION = 0.25  # of the speed of light at batch 1 (issue 9)
-
-
-# ---------------------------------------------------------------------------------------------- static-shape step
-class StaticDecodeStep(nn.Module):
-    """One decode step of a :class:`Decoder` with static shapes, for CUDA graphs / ``torch.compile``.
-
-    Not yet run on a GPU (checked on CPU against ``FastDecodeStep``). Unlike ``FastDecodeStep`` (which narrows the
-    cache to ``length + 1`` slots, a shape that changes every step), ``forward(tokens, positions, slot)`` takes the
-    slot as a 0-d tensor, writes the new keys/values there with ``index_copy_``, and attends over ALL ``max_len``
-    cache slots under a boolean mask ``visible & (slot_index <= slot)``, so every call has the same shapes and a
-    CUDA graph can replay it. Query heads of one key/value group are folded into the query-length axis
-    (``(B, H, 1, hd) -> (B, H_kv, H/H_kv, hd)``) so grouped-query attention reads each cached head once, with no
-    ``repeat_kv`` copy. The cache tensors are registered as buffers (static addresses for CUDA graphs).
-
-    Args:
-        decoder: a plain ``Decoder`` in eval mode (or with dropout 0).
-        cache: its KV cache holding the prefilled prompt (``cache.length >= 1``); left-padding slots (another
-            document id than the row's last token) stay masked, as in ``FastDecodeStep``.
-        vocab_size: logit columns returned (default the decoder's logical vocabulary).
-
-    Call :meth:`step` to decode: it passes the current slot, then advances the slot and ``cache.length``.
-    The extra attention over not-yet-written slots costs ``O(max_len)`` instead of ``O(length)`` per step: size
-    the cache to the request (prompt + new tokens), as the engine does.
-    """
-
-    def __init__(self, decoder: Decoder, cache: KVCache, vocab_size: int | None = None) -> None:
-        super().__init__()
-        if not FastDecodeStep.supports(decoder):
-            raise ValueError("StaticDecodeStep needs a chameleon_lite Decoder in eval mode (or with dropout=0)")
-        if cache.length < 1:
-            raise ValueError("StaticDecodeStep needs a prefilled cache (cache.length >= 1)")
-        config = decoder.config
-        self.decoder, self.cache = decoder, cache
-        self.vocab_size = vocab_size or config.vocab_size
-        weight = decoder.embed_tokens.weight
-        self.register_buffer("k", cache.k, persistent=False)  # (L, B, Hkv, S, hd), shares the cache's storage
-        self.register_buffer("v", cache.v, persistent=False)
-        length = cache.length
-        row_document = cache.document_ids[:, length - 1 : length]  # (B, 1)
-        cache.document_ids[:, length:] = row_document  # what Decoder.forward records for the new tokens
-        visible = cache.document_ids == row_document  # (B, S)
-        self.register_buffer("visible", visible[:, None, None, :].clone(), persistent=False)  # (B, 1, 1, S)
-        self.register_buffer("slot_index", torch.arange(cache.max_len, device=weight.device), persistent=False)
-        positions = torch.arange(config.max_seq_len, device=weight.device)[None]  # (1, P)
-        cos, sin = decoder.rotary(positions, weight.dtype)  # (1, P, hd) each
-        self.register_buffer("cos", cos[0].clone(), persistent=False)  # (P, hd)
-        self.register_buffer("sin", sin[0].clone(), persistent=False)
-        self.slot = torch.tensor(length, device=weight.device)  # next slot to write, a 0-d device tensor
-
-    @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, vocab_size)`` (float32) of the next token after ``tokens`` ``(B,)`` at ``positions``
-        ``(B,)``, whose keys/values are written at cache slot ``slot`` (0-d tensor)."""
-        d = self.decoder
-        config = d.config
-        B = tokens.shape[0]
-        H, H_kv, hd = config.n_heads, config.n_kv_heads, config.head_dim
-        x = d.embed_tokens(tokens)[:, None]  # (B, 1, d)
-        cos = self.cos.index_select(0, positions)[:, None]  # (B, 1, hd)
-        sin = self.sin.index_select(0, positions)[:, None]  # (B, 1, hd)
-        mask = self.visible & (self.slot_index <= slot)  # (B, 1, 1, S)
-        where = slot.reshape(1)
-        for i, block in enumerate(d.layers):
-            attn = block.attn
-            h = x if config.swin_norm else block.attn_norm(x)
-            q = attn.q_norm(attn.q_proj(h).view(B, 1, H, hd)).transpose(1, 2)  # (B, H, 1, hd)
-            k = attn.k_norm(attn.k_proj(h).view(B, 1, H_kv, hd)).transpose(1, 2)  # (B, Hkv, 1, hd)
-            v = attn.v_proj(h).view(B, 1, H_kv, hd).transpose(1, 2)  # (B, Hkv, 1, hd)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            self.k[i].index_copy_(2, where, k)  # (B, Hkv, S, hd)
-            self.v[i].index_copy_(2, where, v)
-            q = q.reshape(B, H_kv, H // H_kv, hd)  # query head h = g * (H / Hkv) + r -> group g, row r
-            y = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask)  # (B, Hkv, H/Hkv, hd)
-            y = attn.o_proj(y.reshape(B, 1, H * hd))  # (B, 1, d)
-            if config.swin_norm:
-                x = x + block.attn_norm(y)
-                x = x + block.mlp_norm(block.mlp(x))
-            else:
-                x = x + y
-                x = x + block.mlp(block.mlp_norm(x))
-        return d.lm_head(d.norm(x))[:, 0, : self.vocab_size].float()  # (B, V)
-
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, fn: Callable | None = None) -> torch.Tensor:
-        """Run ``fn`` (default ``self``; pass a compiled version) at the current slot, then advance it."""
-        self.cache.check_room(1)
-        logits = (self if fn is None else fn)(tokens, positions, self.slot)
-        self.slot += 1
-        self.cache.advance(1)
-        return logits
-
-    def rewind(self, length: int) -> None:
-        """Forget the decoded tokens: back to ``length`` cached tokens (the prompt)."""
-        self.cache.length = length
-        self.slot.fill_(length)
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -432,18 +338,25 @@ def main() -> None:
                 add(label, None, 0, 1, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
 
         # ---- the engine end to end: B images without and with guidance
-        def images(cfg_scale: float) -> None:
+        def images(cfg_scale: float, decode_step: str) -> None:
             out = generate_ids(decoder, vocab, grid, [prompt] * B, mode="image", max_new_tokens=image_budget,
-                               seed=args.seed, cfg_scale=cfg_scale, use_eol=bundle.use_eol)
+                               seed=args.seed, cfg_scale=cfg_scale, use_eol=bundle.use_eol, decode_step=decode_step)
             if any(len(ids) != image_budget or ids[-1] != vocab.eoi for ids in out):
                 raise RuntimeError("the engine wrote a malformed image")
 
-        plain = timed(lambda: images(1.0), device, args.repeats)
-        guided = timed(lambda: images(args.cfg_scale), device, args.repeats)
-        add("engine image, no CFG", plain, B * image_budget, image_budget)
-        add(f"engine image, cfg {args.cfg_scale:g}", guided, B * image_budget, image_budget)
-        print(f"  batch {B:>2} seconds per image: {plain / B:.4f} (no CFG), {guided / B:.4f} (cfg "
-              f"{args.cfg_scale:g}); CFG cost {guided / plain:.2f}x")
+        # the engine's default step, and on CUDA its graphed step (decode_step="cuda_graph": captured per call)
+        for decode_step in ["fast"] + (["cuda_graph"] if device.type == "cuda" else []):
+            suffix = "" if decode_step == "fast" else ", graphs"
+            try:
+                plain = timed(lambda: images(1.0, decode_step), device, args.repeats)
+                guided = timed(lambda: images(args.cfg_scale, decode_step), device, args.repeats)
+            except Exception as error:  # keep the other arms' figures
+                add(f"engine image{suffix}", None, 0, 0, f"{type(error).__name__}: {error}")
+                continue
+            add(f"engine image, no CFG{suffix}", plain, B * image_budget, image_budget)
+            add(f"engine image, cfg {args.cfg_scale:g}{suffix}", guided, B * image_budget, image_budget)
+            print(f"  batch {B:>2} seconds per image{suffix}: {plain / B:.4f} (no CFG), {guided / B:.4f} (cfg "
+                  f"{args.cfg_scale:g}); CFG cost {guided / plain:.2f}x")
 
     header = (f"{'batch':>5}  {'arm':<30} {'tokens/s':>11} {'ms/step':>8} {'bound tok/s':>12} {'of bound':>9} "
               f"{'of datasheet bound':>19}")

@@ -16,6 +16,8 @@ Notable features:
 - One token per step for the whole batch through :class:`~chameleon_lite.fast_decode.FastDecodeStep` (the
   ``Decoder.forward`` math with fused projections and a fraction of the ops; a decoder module it does not support
   goes through its own forward), computing only the logit columns the step can use (text, or image codes).
+  ``decode_step="static"`` / ``"cuda_graph"`` use :mod:`chameleon_lite.static_decode` instead (static shapes;
+  on CUDA one graph replay per step).
 - A row finishes on ``<eos>`` or a stop id (outside images), or after ``<eoi>`` in ``"image"`` mode; finished rows
   keep being fed a pad token (the batch stays static, their output is frozen); the loop ends when all are done.
 - Randomness from a ``torch.Generator`` seeded per call; a sampler whose draw can never be used (greedy-only
@@ -38,9 +40,11 @@ import torch
 from chameleon_lite.fast_decode import FastDecodeStep, IntraOpThreads, decode_threads
 from chameleon_lite.model import Decoder
 from chameleon_lite.sampling import MODES, ModalityConstraint, SamplingParams, apply_processors
+from chameleon_lite.static_decode import CUDAGraphDecodeStep, StaticDecodeStep
 from chameleon_lite.vocab import Vocab
 
 DEFAULT_MAX_NEW_TEXT_TOKENS = 64
+DECODE_STEPS: tuple[str, ...] = ("auto", "fast", "static", "cuda_graph")
 
 __all__ = ["DEFAULT_MAX_NEW_TEXT_TOKENS", "generate_ids", "iter_generate_ids"]
 
@@ -121,6 +125,7 @@ def iter_generate_ids(
     uncond_prompts: Sequence[Sequence[int]] | None = None,
     use_eol: bool = False,
     prompt_embeds: Sequence[torch.Tensor] | None = None,
+    decode_step: str = "auto",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Decode step by step; yields ``(tokens (B,), emitted (B,) bool)`` once per step.
 
@@ -129,6 +134,13 @@ def iter_generate_ids(
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
+    if decode_step not in DECODE_STEPS:
+        raise ValueError(f"decode_step={decode_step!r} must be one of {DECODE_STEPS}")
+    if decode_step in ("static", "cuda_graph") and not FastDecodeStep.supports(decoder):
+        raise ValueError(f"decode_step={decode_step!r} needs a chameleon_lite Decoder in eval mode (or dropout 0)")
+    if decode_step == "cuda_graph" and decoder.embed_tokens.weight.device.type != "cuda":
+        raise ValueError(f"decode_step='cuda_graph' needs the decoder on a CUDA device, it is on "
+                         f"{decoder.embed_tokens.weight.device}")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
     sampling = sampling if sampling is not None else SamplingParams()
@@ -172,7 +184,7 @@ def iter_generate_ids(
         raise ValueError(f"longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
                          f"max_seq_len={max_seq_len}")
     return _decode_loop(decoder, vocab, constraint, prompts, all_prompts, max_new_tokens, sampling, seed, stop,
-                        float(cfg_scale), use_cfg, mode, prompt_embeds)
+                        float(cfg_scale), use_cfg, mode, prompt_embeds, decode_step)
 
 
 def _span(mask: torch.Tensor) -> tuple[int, int]:
@@ -238,7 +250,7 @@ def _decode_loop(decoder, *args) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 @torch.inference_mode()
 def _decode_steps(decoder, vocab, constraint, prompts, all_prompts, max_new_tokens, sampling, seed, stop, cfg_scale,
-                  use_cfg, mode, prompt_embeds) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  use_cfg, mode, prompt_embeds, decode_step) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     device = decoder.embed_tokens.weight.device
     B, R = len(prompts), len(all_prompts)  # R = 2B with guidance
     V = vocab.size
@@ -267,10 +279,7 @@ def _decode_steps(decoder, vocab, constraint, prompts, all_prompts, max_new_toke
     columns = text_columns if text_only else image_columns if mode == "image" else None
 
     logits = _prefill(decoder, batch, cache, prompt_embeds)[:, :V].float()  # (R, V)
-    fast_step = None
-    if FastDecodeStep.supports(decoder):
-        head_columns = (columns or (0, V)) if max_new_tokens >= 64 else None  # see FastDecodeStep: pays off then
-        fast_step = FastDecodeStep(decoder, cache, vocab_size=V, head_columns=head_columns)
+    fast_step = _make_step(decoder, cache, V, columns, max_new_tokens, decode_step)
     next_positions = batch.lengths.clone()  # (R,)
     active = torch.ones(B, dtype=torch.bool, device=device)
     all_active = True
@@ -326,6 +335,19 @@ def _decode_steps(decoder, vocab, constraint, prompts, all_prompts, max_new_toke
         next_positions += 1
 
 
+def _make_step(decoder, cache, V: int, columns, max_new_tokens: int, decode_step: str):
+    """The per-step callable ``(tokens (R,), positions (R,), columns) -> logits (R, V)``, or None (plain forward)."""
+    if decode_step in ("static", "cuda_graph"):
+        static = StaticDecodeStep(decoder, cache, vocab_size=V)
+        if decode_step == "cuda_graph":
+            return CUDAGraphDecodeStep(static)
+        return lambda tokens, positions, columns=None: static.step(tokens, positions)
+    if FastDecodeStep.supports(decoder):
+        head_columns = (columns or (0, V)) if max_new_tokens >= 64 else None  # see FastDecodeStep: pays off then
+        return FastDecodeStep(decoder, cache, vocab_size=V, head_columns=head_columns)
+    return None
+
+
 def generate_ids(
     decoder: torch.nn.Module,
     vocab: Vocab,
@@ -341,6 +363,7 @@ def generate_ids(
     uncond_prompts: Sequence[Sequence[int]] | None = None,
     use_eol: bool = False,
     prompt_embeds: Sequence[torch.Tensor] | None = None,
+    decode_step: str = "auto",
 ) -> list[list[int]]:
     """Generate continuations of id prompts; returns the new ids of each prompt (its stop token included).
 
@@ -365,6 +388,11 @@ def generate_ids(
             prompt forward then reads these instead of embedding the ids (pad slots get the pad id's embedding);
             the ids still define the lengths and the modality state, and generated tokens are embedded as usual.
             Not allowed with guidance.
+        decode_step: how each step runs: ``"fast"`` (``FastDecodeStep``, eager), ``"static"``
+            (``StaticDecodeStep``, eager: for checking), ``"cuda_graph"`` (the static step captured once as a CUDA
+            graph and replayed; CUDA only) or ``"auto"`` (currently ``"fast"`` everywhere: the graphed step has
+            not been measured on a GPU yet). All compute the same function; ``"fast"`` falls back to the
+            decoder's own forward for a module it does not support, the others refuse one.
 
     Raises:
         ValueError: a bad parameter (named), an empty or out-of-vocabulary prompt, or a prompt + budget longer
@@ -372,7 +400,8 @@ def generate_ids(
     """
     steps = iter_generate_ids(decoder, vocab, grid, prompts, mode=mode, max_new_tokens=max_new_tokens,
                               sampling=sampling, seed=seed, stop_ids=stop_ids, cfg_scale=cfg_scale,
-                              uncond_prompts=uncond_prompts, use_eol=use_eol, prompt_embeds=prompt_embeds)
+                              uncond_prompts=uncond_prompts, use_eol=use_eol, prompt_embeds=prompt_embeds,
+                              decode_step=decode_step)
     outputs: list[list[int]] = [[] for _ in prompts]
     for tokens, emitted in steps:
         for out, token, keep in zip(outputs, tokens.tolist(), emitted.tolist()):

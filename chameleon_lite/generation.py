@@ -186,7 +186,7 @@ def ids_to_segments(ids: Sequence[int], bundle: Any, *, in_image: bool = False) 
 
 # ---------------------------------------------------------------------------------------------- high-level API
 def _prepare(model, prompts, mode, max_new_tokens, temperature, top_k, top_p, image_temperature, image_top_k,
-             image_top_p, cfg_scale, seed, stop_ids, code_cache):
+             image_top_p, cfg_scale, seed, stop_ids, code_cache, decode_step):
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
     sampling = SamplingParams(temperature, top_k, top_p, image_temperature, image_top_k, image_top_p)
@@ -205,7 +205,7 @@ def _prepare(model, prompts, mode, max_new_tokens, temperature, top_k, top_p, im
            for i, p in enumerate(batch)]  # all prompts are built (and so validated) before anything runs
     steps = iter_generate_ids(model.decoder, bundle.vocab, bundle.image_grid, ids, mode=mode,
                               max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids,
-                              cfg_scale=cfg_scale, use_eol=bundle.use_eol)
+                              cfg_scale=cfg_scale, use_eol=bundle.use_eol, decode_step=decode_step)
     return steps, ids, single
 
 
@@ -225,6 +225,7 @@ def generate(
     seed: int = 0,
     stop_ids: Sequence[int] = (),
     code_cache: ImageCodeCache | None = None,
+    decode_step: str = "auto",
 ) -> list[Segment] | list[list[Segment]]:
     """Generate text and/or images with a ``ChameleonLite`` (anything with ``.decoder`` and ``.bundle``).
 
@@ -240,12 +241,14 @@ def generate(
         cfg_scale: classifier-free guidance for ``mode="image"`` (``>= 1``).
         seed: seed of this call's generator.
         stop_ids: extra ids that end a text (``<eos>`` always does).
+        decode_step: ``"auto"`` / ``"fast"`` / ``"static"`` / ``"cuda_graph"`` (see :func:`generate_ids`).
 
     Returns:
         For one prompt its output segments (``str`` and ``PIL.Image``); for a batch one such list per prompt.
     """
     steps, ids, single = _prepare(model, prompts, mode, max_new_tokens, temperature, top_k, top_p,
-                                  image_temperature, image_top_k, image_top_p, cfg_scale, seed, stop_ids, code_cache)
+                                  image_temperature, image_top_k, image_top_p, cfg_scale, seed, stop_ids, code_cache,
+                                  decode_step)
     new_ids: list[list[int]] = [[] for _ in ids]
     for tokens, emitted in steps:
         for b in torch.nonzero(emitted).flatten().tolist():
@@ -315,6 +318,7 @@ def stream(
     seed: int = 0,
     stop_ids: Sequence[int] = (),
     code_cache: ImageCodeCache | None = None,
+    decode_step: str = "auto",
 ) -> Iterator[Segment | tuple[int, Segment]]:
     """Like :func:`generate`, but yields output as it is produced.
 
@@ -323,7 +327,8 @@ def stream(
     the same arguments. Arguments are validated when this is called, before the first item is requested.
     """
     steps, ids, single = _prepare(model, prompts, mode, max_new_tokens, temperature, top_k, top_p,
-                                  image_temperature, image_top_k, image_top_p, cfg_scale, seed, stop_ids, code_cache)
+                                  image_temperature, image_top_k, image_top_p, cfg_scale, seed, stop_ids, code_cache,
+                                  decode_step)
     return _stream_pieces(model.bundle, steps, len(ids), single, mode == "image")
 
 

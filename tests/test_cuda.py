@@ -30,6 +30,7 @@ from chameleon_lite.lit_native import NativeLMModule, decoder_param_groups
 from chameleon_lite.model import Decoder, DecoderConfig, next_token_loss
 from chameleon_lite.perf import find_loss_spikes, synthetic_packed_batch
 from chameleon_lite.sampling import SamplingParams
+from chameleon_lite.static_decode import CUDAGraphDecodeStep, StaticDecodeStep
 from chameleon_lite.vocab import Vocab
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -337,3 +338,34 @@ def test_bf16_fast_decode_step_matches_the_full_forward() -> None:
         full_bf16 = decoder(ids[:, : t + 1])[:, -1, : GEN_VOCAB.size]  # (2, V) bf16, no cache
         # bf16 itself is ~2% off fp32 here (on CPU): the fast step may not be much worse than the plain forward
         assert rel_err(got, full) < min(5e-2, max(2 * rel_err(full_bf16, full), 1e-2)), t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_step_replays_the_static_step(dtype: torch.dtype) -> None:
+    decoder = gen_decoder(dtype)
+    ids = torch.tensor([gen_prompt(20), gen_prompt(20, start=9)], device=CUDA)  # (2, 20)
+    caches = [decoder.new_cache(2, 32) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            decoder(ids[:, :12], cache=cache)
+        eager = StaticDecodeStep(decoder, caches[0])
+        graphed = CUDAGraphDecodeStep(StaticDecodeStep(decoder, caches[1]))
+        for t in range(12, 20):
+            positions = torch.full((2,), t, device=CUDA)
+            want = eager.step(ids[:, t], positions)  # (2, V)
+            got = graphed(ids[:, t], positions)
+            assert torch.equal(got, want), (t, rel_err(got, want))
+    assert caches[1].length == caches[0].length == 20
+    assert torch.equal(caches[1].k[..., :20, :], caches[0].k[..., :20, :])
+
+
+@pytest.mark.parametrize("mode", ["text", "image"])
+def test_engine_cuda_graph_path_equals_fast_path(mode: str) -> None:
+    decoder = gen_decoder(torch.float64)  # float64: no near-tie can flip a sample between the two paths
+    boi = [GEN_VOCAB.boi] if mode == "image" else []
+    prompts = [gen_prompt(5) + boi, gen_prompt(9, start=7) + boi]
+    kwargs = dict(mode=mode, max_new_tokens=12, sampling=SamplingParams(temperature=0.9, image_top_k=5), seed=3)
+    if mode == "image":
+        kwargs["cfg_scale"] = 2.0
+    fast = generate_ids(decoder, GEN_VOCAB, GRID, prompts, decode_step="fast", **kwargs)
+    assert generate_ids(decoder, GEN_VOCAB, GRID, prompts, decode_step="cuda_graph", **kwargs) == fast
