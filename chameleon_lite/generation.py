@@ -186,7 +186,7 @@ def ids_to_segments(ids: Sequence[int], bundle: Any, *, in_image: bool = False) 
 
 # ---------------------------------------------------------------------------------------------- high-level API
 def _prepare(model, prompts, mode, max_new_tokens, temperature, top_k, top_p, image_temperature, image_top_k,
-             image_top_p, cfg_scale, seed, stop_ids, code_cache, decode_step):
+             image_top_p, cfg_scale, seed, stop_ids, code_cache, decode_step="auto"):
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
     sampling = SamplingParams(temperature, top_k, top_p, image_temperature, image_top_k, image_top_p)
