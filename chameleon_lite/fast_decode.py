@@ -60,6 +60,15 @@ class _LayerWeights:
     v_cache: torch.Tensor  # (B, Hkv, max_len, hd)
 
 
+def check_decode_step_inputs(step_name: str, decoder: Decoder, cache: KVCache) -> None:
+    """Raise ``ValueError`` unless ``decoder`` is supported (:meth:`FastDecodeStep.supports`) and ``cache`` holds a
+    prefilled prompt; ``step_name`` names the step class in the message."""
+    if not FastDecodeStep.supports(decoder):
+        raise ValueError(f"{step_name} needs a chameleon_lite Decoder in eval mode (or with dropout=0)")
+    if cache.length < 1:
+        raise ValueError(f"{step_name} needs a prefilled cache (cache.length >= 1)")
+
+
 class FastDecodeStep:
     """One decode step (one new token per row) of a :class:`Decoder` reading and writing ``cache``.
 
@@ -84,10 +93,7 @@ class FastDecodeStep:
         self, decoder: Decoder, cache: KVCache, *, vocab_size: int | None = None,
         head_columns: tuple[int, int] | None = None,
     ) -> None:
-        if not self.supports(decoder):
-            raise ValueError("FastDecodeStep needs a chameleon_lite Decoder in eval mode (or with dropout=0)")
-        if cache.length < 1:
-            raise ValueError("FastDecodeStep needs a prefilled cache (cache.length >= 1)")
+        check_decode_step_inputs("FastDecodeStep", decoder, cache)
         config = decoder.config
         self.decoder, self.cache = decoder, cache
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chameleon_lite.attention import KVCache
-from chameleon_lite.fast_decode import FastDecodeStep
+from chameleon_lite.fast_decode import check_decode_step_inputs
 from chameleon_lite.model import Decoder, apply_rotary
 
 __all__ = ["CUDAGraphDecodeStep", "StaticDecodeStep"]
@@ -54,10 +54,7 @@ class StaticDecodeStep(nn.Module):
 
     def __init__(self, decoder: Decoder, cache: KVCache, vocab_size: int | None = None) -> None:
         super().__init__()
-        if not FastDecodeStep.supports(decoder):
-            raise ValueError("StaticDecodeStep needs a chameleon_lite Decoder in eval mode (or with dropout=0)")
-        if cache.length < 1:
-            raise ValueError("StaticDecodeStep needs a prefilled cache (cache.length >= 1)")
+        check_decode_step_inputs("StaticDecodeStep", decoder, cache)
         config = decoder.config
         self.decoder, self.cache = decoder, cache
         self.vocab_size = vocab_size or config.vocab_size
