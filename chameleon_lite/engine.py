@@ -279,7 +279,7 @@ def _decode_steps(decoder, vocab, constraint, prompts, all_prompts, max_new_toke
     columns = text_columns if text_only else image_columns if mode == "image" else None
 
     logits = _prefill(decoder, batch, cache, prompt_embeds)[:, :V].float()  # (R, V)
-    fast_step = _make_step(decoder, cache, V, columns, max_new_tokens, decode_step)
+    step_fn = _make_step(decoder, cache, V, columns, max_new_tokens, decode_step)
     next_positions = batch.lengths.clone()  # (R,)
     active = torch.ones(B, dtype=torch.bool, device=device)
     all_active = True
@@ -325,11 +325,11 @@ def _decode_steps(decoder, vocab, constraint, prompts, all_prompts, max_new_toke
         if step == max_new_tokens - 1:
             return
         feed = torch.cat((tokens, tokens)) if use_cfg else tokens  # (R,)
-        if fast_step is not None:
+        if step_fn is not None:
             if mode == "interleaved":  # image mode: active rows are always inside their image
                 states = {i for i, a in zip(constraint.in_image.tolist(), active.tolist()) if a}
                 columns = None if len(states) > 1 else image_columns if True in states else text_columns
-            logits = fast_step(feed, next_positions, columns)  # (R, V)
+            logits = step_fn(feed, next_positions, columns)  # (R, V)
         else:
             logits = decoder(feed[:, None], position_ids=next_positions[:, None], cache=cache)[:, -1, :V].float()
         next_positions += 1
