@@ -326,7 +326,8 @@ def _decode_steps(decoder, vocab, constraint, prompts, all_prompts, max_new_toke
             return
         feed = torch.cat((tokens, tokens)) if use_cfg else tokens  # (R,)
         if step_fn is not None:
-            if mode == "interleaved":  # image mode: active rows are always inside their image
+            # only the fast step reads columns; in image mode the active rows are always inside their image
+            if mode == "interleaved" and isinstance(step_fn, FastDecodeStep):
                 states = {i for i, a in zip(constraint.in_image.tolist(), active.tolist()) if a}
                 columns = None if len(states) > 1 else image_columns if True in states else text_columns
             logits = step_fn(feed, next_positions, columns)  # (R, V)

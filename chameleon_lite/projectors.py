@@ -81,16 +81,8 @@ def _check_features(x: torch.Tensor, d_in: int) -> None:
         raise ValueError(f"features must have shape (B, N, {d_in}), got {tuple(x.shape)}")
 
 
-class LinearProjector(nn.Module):
-    """``(B, N, d_in) -> (B, N, d_out)`` by one ``Linear``."""
-
-    def __init__(self, d_in: int, d_out: int) -> None:
-        super().__init__()
-        check_positive_int("d_in", d_in)
-        check_positive_int("d_out", d_out)
-        self.d_in, self.d_out = d_in, d_out
-        self.proj = nn.Linear(d_in, d_out)
-        self.reset_parameters()
+class _PerTokenProjector(nn.Module):
+    """Shared by the projectors that map each visual token on its own (N tokens in, N out)."""
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """PyTorch's ``nn.Linear`` init (see the module docstring)."""
@@ -102,12 +94,24 @@ class LinearProjector(nn.Module):
         check_positive_int("n_in", n_in)
         return n_in
 
+
+class LinearProjector(_PerTokenProjector):
+    """``(B, N, d_in) -> (B, N, d_out)`` by one ``Linear``."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        check_positive_int("d_in", d_in)
+        check_positive_int("d_out", d_out)
+        self.d_in, self.d_out = d_in, d_out
+        self.proj = nn.Linear(d_in, d_out)
+        self.reset_parameters()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_features(x, self.d_in)
         return self.proj(x)  # (B, N, d_out)
 
 
-class MLPProjector(nn.Module):
+class MLPProjector(_PerTokenProjector):
     """``(B, N, d_in) -> (B, N, d_out)`` by ``Linear -> GELU -> Linear`` (LLaVA-1.5's ``mlp2x_gelu``)."""
 
     def __init__(self, d_in: int, d_out: int, hidden: int) -> None:
@@ -119,16 +123,6 @@ class MLPProjector(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, d_out)
         self.reset_parameters()
-
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """PyTorch's ``nn.Linear`` init (see the module docstring)."""
-        for linear in self.modules():
-            if isinstance(linear, nn.Linear):
-                torch_default_linear_init_(linear, generator)
-
-    def num_output_tokens(self, n_in: int) -> int:
-        check_positive_int("n_in", n_in)
-        return n_in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_features(x, self.d_in)
