@@ -132,6 +132,18 @@ def test_pretokenize_round_trip(tmp_path, tiny_bundle):
     assert all(0 <= c < 16 for d in docs for seg in d["tokens"] for c in seg.get("image", []))
 
 
+def test_pretokenize_survives_a_full_image_cache(tmp_path, tiny_bundle, monkeypatch):
+    """When the cache of known images overflows mid-batch, images the batch already knew keep their codes."""
+    from chameleon_lite.data import pretokenize
+
+    monkeypatch.setattr(pretokenize, "_KNOWN_MAX", 3)
+    spec = ShapesWorldSpec(train=8, val=0, test=0, world=WorldConfig(image_size=32), seed=2)
+    write_shapes_world(spec, tmp_path / "raw", progress=False)
+    stats = pretokenize.tokenize_shards(tiny_bundle, str(tmp_path / "raw" / "train" / "qa-*.tar"), tmp_path / "tok",
+                                        batch_size=10, num_workers=0, progress=False)
+    assert stats.samples > 8  # several questions share each scene's picture: the case that used to raise KeyError
+
+
 def test_every_config_parses(tmp_path, monkeypatch):
     """Every recipe type-checks; CPU recipes also instantiate (model, datamodule, trainer) without their data."""
     from chameleon_lite.comparison.config import load_compare_config

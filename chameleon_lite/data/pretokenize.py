@@ -122,8 +122,10 @@ def _encode_pending(model, pending: list[dict[str, Any]], known: dict[bytes, lis
     if todo:
         rows = [keys.index(k) for k in todo]
         batch = pixels[rows].to(next(model.parameters()).device)  # (n_new, C, H, W)
-        if len(known) + len(todo) > _KNOWN_MAX:
+        if len(known) + len(todo) > _KNOWN_MAX:  # forget older images, never the ones this batch still needs
+            needed = {k: known[k] for k in keys if k in known}
             known.clear()
+            known.update(needed)
         known.update(zip(todo, model.encode(batch).flatten(1).tolist()))  # n_new x (h*w)
     codes = [known[k] for k in keys]
     k = 0
