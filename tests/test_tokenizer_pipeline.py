@@ -144,6 +144,26 @@ def test_pretokenize_survives_a_full_image_cache(tmp_path, tiny_bundle, monkeypa
     assert stats.samples > 8  # several questions share each scene's picture: the case that used to raise KeyError
 
 
+def test_interrupted_pretokenization_leaves_no_record(tmp_path, tiny_bundle, monkeypatch):
+    """tokens.yaml is written last: a crash part-way leaves a directory that readers and the demo refuse."""
+    from chameleon_lite.data import pretokenize
+
+    spec = ShapesWorldSpec(train=4, val=0, test=0, world=WorldConfig(image_size=32), seed=3)
+    write_shapes_world(spec, tmp_path / "raw", progress=False)
+    pretokenize.tokenize_shards(tiny_bundle, str(tmp_path / "raw" / "train"), tmp_path / "tok", num_workers=0,
+                                progress=False)
+    assert (tmp_path / "tok" / pretokenize.RECORD_FILE).is_file()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(pretokenize, "_tokenize_kind", crash)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        pretokenize.tokenize_shards(tiny_bundle, str(tmp_path / "raw" / "train"), tmp_path / "tok", num_workers=0,
+                                    progress=False)
+    assert not (tmp_path / "tok" / pretokenize.RECORD_FILE).exists()
+
+
 def test_every_config_parses(tmp_path, monkeypatch):
     """Every recipe type-checks; CPU recipes also instantiate (model, datamodule, trainer) without their data."""
     from chameleon_lite.comparison.config import load_compare_config

@@ -161,13 +161,15 @@ def tokenize_shards(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out)
-    _write_record(bundle, out)
+    _check_record(bundle, out)
+    (out / RECORD_FILE).unlink(missing_ok=True)  # the record marks a finished directory: written last
     total = TokenizeStats()
     for kind, shard_list in shards_by_kind(shards).items():
         stats = _tokenize_kind(bundle, kind, shard_list, out, batch_size, num_workers, shard_size, progress)
         total.samples += stats.samples
         total.images += stats.images
         total.seconds += stats.seconds
+    _write_record(bundle, out)
     return total
 
 
@@ -197,12 +199,18 @@ def _tokenize_kind(bundle, kind, shard_list, out, batch_size, num_workers, shard
     return stats
 
 
-def _write_record(bundle: TokenizerBundle, out: Path) -> None:
-    record = token_record(bundle)
-    out.mkdir(parents=True, exist_ok=True)
+def _check_record(bundle: TokenizerBundle, out: Path) -> None:
+    """Refuse to write into a token directory finished with another tokenizer."""
     path = out / RECORD_FILE
     if path.exists():
         existing = OmegaConf.to_container(OmegaConf.load(path))
-        if existing != record:
+        if existing != token_record(bundle):
             raise ValueError(f"{path} was written with another tokenizer ({existing}); use a fresh --out directory")
-    OmegaConf.save(OmegaConf.create(record), path)
+
+
+def _write_record(bundle: TokenizerBundle, out: Path) -> None:
+    """Write ``tokens.yaml``; ``tokenize_shards`` does so only once every shard is written, so a directory
+    with a record is complete (an interrupted run leaves none, and readers refuse the directory)."""
+    out.mkdir(parents=True, exist_ok=True)
+    _check_record(bundle, out)
+    OmegaConf.save(OmegaConf.create(token_record(bundle)), out / RECORD_FILE)
