@@ -152,6 +152,28 @@ def test_doc_format(tmp_path, bundle_dir):
     check_row(row, v, ids, ids[1:] + [IGNORE])  # loss on everything after <bos>
 
 
+def test_qa_per_image_chains_the_questions_about_one_image(tmp_path, bundle_dir):
+    samples = [qa("s-q0", IMAGE, [50, 51], [60]), qa("s-q1", IMAGE, [52], [61, 62]),
+               qa("t-q0", [1, 2, 3, 4], [53], [63])]
+    d = write_tokens(tmp_path / "qa", samples, bundle_dir)
+    dm = TokenDataModule(str(d), None, tokenizer=str(bundle_dir), seq_len=32, batch_size=2, cache=False,
+                         qa_per_image=True)
+    packer = dm._packer("train")
+    plan = packer.plan(0)
+    assert sorted(packer.docs.doc_samples[plan.order].tolist()) == [1, 2]  # 3 questions, 2 images
+    assert packer.stats(0)["samples"] == 3
+    v = dm.vocab
+    first = packer.docs.sample_formats[0, 1]
+    start, n = packer.docs.doc_start[first], packer.docs.doc_len[first]
+    ids = packer.docs.ids[start:start + n].tolist()
+    assert ids == [v.bos, *image_ids(v, IMAGE), 50, 51, v.sep, 60, v.eos, 52, v.sep, 61, 62, v.eos]
+    loss = packer.docs.loss[start:start + n].tolist()
+    assert [t for t, on in zip(ids, loss) if on] == [60, v.eos, 61, 62, v.eos]  # answers and their <eos> only
+    # the single-question documents (the evaluation format) are still there, and used by default
+    plain = TokenDataModule(str(d), None, tokenizer=str(bundle_dir), seq_len=32, batch_size=2, cache=False)
+    assert plain._packer("train").stats(0)["documents"] == 3
+
+
 def test_per_modality_weights(tmp_path, bundle_dir):
     row, v = one_row(tmp_path, bundle_dir, pair("p", IMAGE, CAPTION), caption_prob=0.0, cfg_dropout=0.0,
                      text_loss_weight=0.5, image_loss_weight=2.0)
@@ -160,6 +182,32 @@ def test_per_modality_weights(tmp_path, bundle_dir):
     assert (weights[row["target_is_image"]] == 2.0).all() and int(row["target_is_image"].sum()) == 4
     assert weights[targets == v.eoi].tolist() == [0.5]  # control tokens count as text
     assert (weights[targets == IGNORE] == 0).all()
+
+
+def test_context_loss_weight_covers_the_prompt_only(tmp_path, bundle_dir):
+    # QA: the image and question become targets at weight 0.25 (times the modality weight); the answer keeps 1
+    row, v = one_row(tmp_path, bundle_dir, qa("q", IMAGE, [50, 51], [60]), context_loss_weight=0.25,
+                     image_loss_weight=2.0)
+    ids = [v.bos, *image_ids(v, IMAGE), 50, 51, v.sep, 60, v.eos]
+    check_row(row, v, ids, ids[1:] + [IGNORE])
+    weights = row["weights"][: len(ids) - 1].tolist()
+    assert weights == [0.25, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25, 1.0, 1.0]
+    # generation: the caption and <boi> are context; the trailing <eos> after the targets is not taught
+    row, v = one_row(tmp_path / "gen", bundle_dir, pair("p", IMAGE, CAPTION), caption_prob=0.0, cfg_dropout=0.0,
+                     context_loss_weight=0.5)
+    img = image_ids(v, IMAGE)
+    check_row(row, v, [v.bos, *CAPTION, *img, v.eos], [*CAPTION, *img, IGNORE, IGNORE])
+    assert row["weights"][:9].tolist() == [0.5] * 4 + [1.0] * 5
+
+
+def test_context_loss_is_not_used_in_validation(token_dirs, bundle_dir):
+    dm = make_dm(token_dirs, bundle_dir, context_loss_weight=0.5)
+    dm.setup("fit")
+    plain = make_dm(token_dirs, bundle_dir)
+    plain.setup("fit")
+    assert same(list(dm.val_dataloader()), list(plain.val_dataloader()))
+    trained = next(iter(dm.train_dataloader()))
+    assert (trained["weights"] == 0.5).any()
 
 
 # ---------------------------------------------------------------------------------------------- packing

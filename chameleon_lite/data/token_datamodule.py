@@ -78,19 +78,29 @@ class TaskMix:
         kinds: sample kinds to use (``pair``, ``qa``, ``doc``).
         kind_repeats: uses per epoch of each sample of a kind (default 1.0; fractions take a seeded subset).
         caption_prob: probability that a pair becomes a caption document rather than a generation document.
+        qa_per_image: QA samples as ``qa_per_image`` documents (every question about an image after one copy of
+            it; see ``token_documents``) instead of one document per question; ``kind_repeats["qa"]`` then
+            counts images.
         both_pair_formats: emit every pair as both a caption and a generation document (ignores caption_prob).
         cfg_dropout: probability that a generation document loses its caption (for classifier-free guidance).
         text_loss_weight: loss weight of targets that are not image codes (text pieces and control tokens).
         image_loss_weight: loss weight of image-code targets.
+        context_loss_weight: loss weight (times the modality weight) of the tokens a document is conditioned on,
+            i.e. every token before its first target: the image and question of a QA document, the image of a
+            caption document, the caption of a generation document. 0 (the default) trains on targets only;
+            > 0 adds next-token loss on that context too ("loss on everything", as Chameleon trains), at no
+            extra compute.
     """
 
     kinds: tuple[str, ...] = KINDS
     kind_repeats: Mapping[str, float] = field(default_factory=dict)
     caption_prob: float = 0.5
+    qa_per_image: bool = False
     both_pair_formats: bool = False
     cfg_dropout: float = 0.1
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
+    context_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", tuple(self.kinds))
@@ -106,7 +116,7 @@ class TaskMix:
         for name in ("caption_prob", "cfg_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
-        for name in ("text_loss_weight", "image_loss_weight"):
+        for name in ("text_loss_weight", "image_loss_weight", "context_loss_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
 
@@ -117,6 +127,7 @@ class TaskMix:
         """The fields that decide which documents an epoch holds (weights do not)."""
         return {"kinds": list(self.kinds), "kind_repeats": {k: self.repeats(k) for k in self.kinds},
                 "caption_prob": self.caption_prob, "both_pair_formats": self.both_pair_formats,
+                "qa_per_image": self.qa_per_image,
                 "cfg_dropout": self.cfg_dropout}
 
 
@@ -154,8 +165,14 @@ class DocumentPacker:
                  seed: int):
         self.docs, self.vocab, self.mix, self.seq_len, self.seed = docs, vocab, mix, seq_len, seed
         self.samples = {k: samples[docs.sample_kind[samples] == KINDS.index(k)] for k in mix.kinds}
+        if mix.qa_per_image and "qa" in self.samples:  # an image's document is stored with its first question
+            self.samples["qa"] = self.samples["qa"][docs.sample_formats[self.samples["qa"], 1] >= 0]
         self._plans: OrderedDict[int, EpochPlan] = OrderedDict()
         self._doc_loss: np.ndarray | None = None
+        # (N_tok,) True for a token before its document's first loss target (the context it is conditioned on)
+        seen = np.cumsum(docs.loss, dtype=np.int64)  # targets up to and including each token
+        before_doc = np.repeat(seen[docs.doc_start] - docs.loss[docs.doc_start], docs.doc_len)
+        self.context = seen - before_doc == 0
 
     def documents(self, epoch: int) -> np.ndarray:
         """Document ids of data epoch ``epoch``, unshuffled (kinds in ``mix.kinds`` order)."""
@@ -170,6 +187,9 @@ class DocumentPacker:
                 picks.append(np.sort(rng.choice(samples, n, replace=False)))
             occurrences = np.concatenate(picks)
             formats = self.docs.sample_formats[occurrences]  # (n, 3)
+            if kind == "qa" and self.mix.qa_per_image:
+                chosen.append(formats[:, 1])
+                continue
             if kind != "pair":
                 chosen.append(formats[:, 0])
                 continue
@@ -201,15 +221,16 @@ class DocumentPacker:
         return plan
 
     def stats(self, epoch: int) -> dict[str, float]:
-        """Documents, rows, tokens (non-padding), loss targets and padding fraction of a data epoch."""
+        """Documents, samples, rows, tokens (non-padding), loss targets and padding fraction of a data epoch."""
         plan = self.plan(epoch)
         tokens = int(self.docs.doc_len[plan.order].sum())
         if self._doc_loss is None:  # loss targets per document (every document has >= 2 tokens)
             self._doc_loss = np.add.reduceat(self.docs.loss.astype(np.int64), self.docs.doc_start)
         loss_tokens = int(self._doc_loss[plan.order].sum())
         rows = plan.n_rows
-        return {"documents": len(plan.order), "rows": rows, "tokens": tokens, "loss_tokens": loss_tokens,
-                "padding": 1.0 - tokens / (rows * self.seq_len) if rows else 0.0}
+        samples = int(self.docs.doc_samples[plan.order].sum())
+        return {"documents": len(plan.order), "samples": samples, "rows": rows, "tokens": tokens,
+                "loss_tokens": loss_tokens, "padding": 1.0 - tokens / (rows * self.seq_len) if rows else 0.0}
 
     def batch(self, rows: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
         """Rows ``(data epoch, row index)`` -> the batch of the contract, shapes ``(len(rows), seq_len)``."""
@@ -219,6 +240,7 @@ class DocumentPacker:
         targets = np.full((B, T), IGNORE_INDEX, np.int64)
         positions = np.zeros((B, T), np.int64)
         documents = np.zeros((B, T), np.int64)
+        is_context = np.zeros((B, T), bool)  # targets that are context tokens (weighted by context_loss_weight)
         for b, (epoch, j) in enumerate(rows):
             plan = self.plan(epoch)
             docs = plan.order[plan.row_starts[j]:plan.row_starts[j + 1]]
@@ -229,6 +251,10 @@ class DocumentPacker:
             index = np.repeat(self.docs.doc_start[docs] - begins, lens) + np.arange(used)  # (used,)
             ids, loss = self.docs.ids[index], self.docs.loss[index]
             input_ids[b, :used] = ids
+            if self.mix.context_loss_weight > 0:
+                context = self.context[index]
+                is_context[b, :used - 1] = context[1:]
+                loss = loss | context
             targets[b, :used - 1] = np.where(loss[1:], ids[1:], IGNORE_INDEX)
             targets[b, ends - 1] = IGNORE_INDEX  # the last token of a document predicts nothing
             positions[b, :used] = np.arange(used) - np.repeat(begins, lens)
@@ -238,6 +264,8 @@ class DocumentPacker:
         targets_t = torch.from_numpy(targets)
         is_image = self.vocab.is_image(targets_t)  # (B, T)
         weights = torch.where(is_image, self.mix.image_loss_weight, self.mix.text_loss_weight).float()
+        if self.mix.context_loss_weight > 0:
+            weights = torch.where(torch.from_numpy(is_context), weights * self.mix.context_loss_weight, weights)
         weights = weights.masked_fill(targets_t == IGNORE_INDEX, 0.0)
         return {"input_ids": torch.from_numpy(input_ids), "targets": targets_t, "weights": weights,
                 "target_is_image": is_image, "position_ids": torch.from_numpy(positions),
@@ -369,9 +397,13 @@ class TokenDataModule(L.LightningDataModule):
         kinds: sample kinds to use (default all: ``pair``, ``qa``, ``doc``).
         kind_repeats: uses per epoch of each sample of a kind, e.g. ``{qa: 0.5, pair: 2}`` (default 1 each).
         caption_prob: probability that a pair becomes a caption (image -> text) rather than a generation document.
+        qa_per_image: train on one document per image holding all its questions (``TaskMix.qa_per_image``);
+            validation keeps one document per question, the evaluation format.
         pair_formats: ``sample`` (one format per pair and epoch, by caption_prob) or ``both``.
         cfg_dropout: probability that a training generation document loses its caption.
         text_loss_weight: weight of text (and control token) targets; image_loss_weight: of image-code targets.
+        context_loss_weight: loss weight of the context tokens of training documents (``TaskMix``); validation
+            always measures the targets only.
         seed: seed of document choice, formats, order and packing (data epoch e uses (seed, e)).
         max_documents: use at most this many training samples (a seeded subset, the same every epoch).
         val_max_documents: use at most this many validation samples (a seeded subset).
@@ -389,10 +421,12 @@ class TokenDataModule(L.LightningDataModule):
         kinds: list[str] | None = None,
         kind_repeats: dict[str, float] | None = None,
         caption_prob: float = 0.5,
+        qa_per_image: bool = False,
         pair_formats: Literal["sample", "both"] = "sample",
         cfg_dropout: float = 0.1,
         text_loss_weight: float = 1.0,
         image_loss_weight: float = 1.0,
+        context_loss_weight: float = 0.0,
         seed: int = 0,
         max_documents: int | None = None,
         val_max_documents: int | None = None,
@@ -417,8 +451,10 @@ class TokenDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.max_documents, self.val_max_documents = max_documents, val_max_documents
         self.mix = TaskMix(kinds=tuple(kinds or KINDS), kind_repeats=kind_repeats or {}, caption_prob=caption_prob,
-                           both_pair_formats=pair_formats == "both", cfg_dropout=cfg_dropout,
-                           text_loss_weight=text_loss_weight, image_loss_weight=image_loss_weight)
+                           qa_per_image=qa_per_image, both_pair_formats=pair_formats == "both",
+                           cfg_dropout=cfg_dropout,
+                           text_loss_weight=text_loss_weight, image_loss_weight=image_loss_weight,
+                           context_loss_weight=context_loss_weight)
         self.val_mix = TaskMix(kinds=self.mix.kinds, caption_prob=caption_prob,
                                both_pair_formats=self.mix.both_pair_formats, cfg_dropout=0.0,
                                text_loss_weight=text_loss_weight, image_loss_weight=image_loss_weight)
@@ -445,7 +481,7 @@ class TokenDataModule(L.LightningDataModule):
             docs = load_token_documents(token_dir, self.bundle, cache=self.cache, tokenizer_hint=self.tokenizer)
             mix, cap = (self.mix, self.max_documents) if split == "train" else (self.val_mix, self.val_max_documents)
             wanted = np.isin(docs.sample_kind, [KINDS.index(k) for k in mix.kinds])
-            too_long = wanted & (docs.max_len() > self.seq_len)
+            too_long = wanted & (docs.max_len(mix.qa_per_image) > self.seq_len)
             self.skipped_too_long[split] = {k: int((too_long & (docs.sample_kind == KINDS.index(k))).sum())
                                             for k in mix.kinds}
             if too_long.any():
