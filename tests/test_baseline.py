@@ -89,6 +89,29 @@ def test_forward_shapes_and_text_only_loss(bundle, world, kind, tokens):
     assert counts["projector"] == sum(p.numel() for p in model.projector.parameters()) > 0
 
 
+def test_qa_per_image_rows_chain_the_questions_about_one_image(bundle, world):
+    from chameleon_lite.data.baseline_data import qa_groups
+    from chameleon_lite.data.baseline_datamodule import BaselineDataModule
+
+    samples, _ = load_image_text_samples(str(world / "val" / "*.tar"), bundle, progress=False)
+    groups = qa_groups(samples)
+    assert len(groups) == 8 and all(len(g) == 2 for g in groups)  # 8 scenes, 2 questions each
+    a, b = groups[0]
+    batch = vlm_batch(samples, [groups[0], a], bundle.vocab)
+    v = bundle.vocab
+    row = [v.bos, v.image_placeholder, *samples.prompt[a], *samples.target[a], *samples.prompt[b], *samples.target[b]]
+    assert batch["input_ids"][0, : len(row)].tolist() == row
+    assert batch["input_ids"][0][batch["loss_mask"][0]].tolist() == samples.target[a] + samples.target[b]
+    assert batch["task"].tolist() == [1, 1]
+    with pytest.raises(ValueError, match="share their image"):
+        vlm_batch(samples, [[groups[0][0], groups[1][0]]], v)
+    dm = BaselineDataModule(str(world / "val" / "*.tar"), None, tokenizer=str(BUNDLE), tasks=["caption", "qa"],
+                            batch_size=4, qa_per_image=True)
+    rows = dm.train_rows()
+    assert len(rows) == 8 + 8 and dm.samples_per_row == pytest.approx(24 / 16)  # 8 captions, 8 question pairs
+    assert sorted(i for r in rows for i in (r if isinstance(r, list) else [r])) == list(range(24))
+
+
 def test_image_changes_the_prediction(bundle, world):
     model = _tiny_model(bundle).eval()
     samples, _ = load_image_text_samples(str(world / "val" / "*.tar"), bundle, progress=False)

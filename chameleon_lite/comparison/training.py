@@ -4,8 +4,8 @@ Each arm is trained with ``chameleon-lite fit`` recipes (run in-process through 
 overrides for the data, the run directory, the seed and the number of steps:
 
 - **native**: ``max_steps`` is the smallest number of steps whose packed rows hold at least ``train_samples``
-  documents (counted exactly from the packer's epoch plans: one document = one training sample in one task
-  format);
+  samples (counted exactly from the packer's epoch plans: one document is one training sample in one task format,
+  except a per-image QA document, which holds each of its questions);
 - **baseline**: the ViT is pretrained first (contrastive; its samples are reported but not charged to the budget,
   just as the native arm's VQ tokenizer was trained beforehand), then stage 1 gets ``stage1_fraction`` of the
   budget and stage 2 the rest, in rows of one sample each.
@@ -29,7 +29,7 @@ from chameleon_lite.comparison.evaluate import PeakMemory
 from chameleon_lite.lightning_cli import run_lightning_cli
 from chameleon_lite.lit_native import flops_per_token
 
-__all__ = ["ArmTraining", "train_native", "train_baseline", "read_loss_curve"]
+__all__ = ["ArmTraining", "baseline_flops", "train_native", "train_baseline", "read_loss_curve"]
 
 
 @dataclass
@@ -97,7 +97,7 @@ def train_native(recipe: str, out: Path, *, tokens: str, tokenizer: str, train_s
         for epoch, row in loader.rows(steps):
             plan = packer.plan(epoch)
             lo, hi = plan.row_starts[row], plan.row_starts[row + 1]
-            samples += int(hi - lo)
+            samples += int(packer.docs.doc_samples[plan.order[lo:hi]].sum())  # a per-image QA document holds several
             n_tokens += int(packer.docs.doc_len[plan.order[lo:hi]].sum())
         steps += 1
     overrides = [*base, *_common(run_dir, seed, steps, progress), _val_every(steps),
@@ -113,6 +113,20 @@ def train_native(recipe: str, out: Path, *, tokens: str, tokenizer: str, train_s
 def _vit_params(module: Any) -> tuple[int, int]:
     vlm = module.vlm
     return sum(p.numel() for p in vlm.encoder.parameters()), sum(p.numel() for p in vlm.projector.parameters())
+
+
+def baseline_flops(module: Any, *, rows: int, tokens: int, seq_len: int) -> float:
+    """Training FLOPs of ``rows`` rows of a baseline stage (a ``BaselineVLMModule``), one image per row.
+
+    The decoder costs ``flops_per_token(decoder, seq_len)`` for each of its ``tokens`` (text plus visual tokens,
+    after placeholder expansion); every row's image adds its ViT (2N per patch token when the encoder is frozen,
+    6N when it is trained) and the projector (6N per patch token).
+    """
+    vit, proj = _vit_params(module)
+    n_patches = module.vlm.encoder.num_patches
+    vit_factor = 6.0 if module.trainable["encoder"] else 2.0
+    return (flops_per_token(module.config.decoder, seq_len) * tokens
+            + (vit_factor * vit + 6.0 * proj) * n_patches * rows)
 
 
 def train_baseline(encoder_recipe: str, stage1_recipe: str, stage2_recipe: str, out: Path, *, raw: str,
@@ -145,34 +159,35 @@ def train_baseline(encoder_recipe: str, stage1_recipe: str, stage2_recipe: str, 
     previous = None
     for stage, recipe, share in (("stage1", stage1_recipe, stage1_fraction), ("stage2", stage2_recipe, None)):
         run_dir = out / f"baseline-{stage}"
-        probe = run_lightning_cli(["--config", recipe, *data, *extra.get(stage, [])], run=False)
+        shards = [f"--data.init_args.train_shards={raw}/train/*.tar", f"--data.init_args.val_shards={raw}/val/*.tar"]
+        probe = run_lightning_cli(["--config", recipe, *data, *shards, *extra.get(stage, [])], run=False)
         batch = probe.datamodule.batch_size
+        # rows hold one sample, or every question about an image (qa_per_image): samples per row on average
+        per_row = probe.datamodule.samples_per_row if getattr(probe.datamodule, "qa_per_image", False) else 1.0
         budget = train_samples * share if share is not None else train_samples - samples_seen
-        steps = max(1, math.ceil(budget / batch))
+        steps = max(1, math.ceil(budget / (batch * per_row)))
         init = ([f"--model.init_args.encoder_init={enc_dir / 'encoder'}"] if stage == "stage1"
                 else [f"--model.init_args.init_from={previous}"])
         cli, seconds, peak = _fit(recipe, [
-            *data, f"--data.init_args.train_shards={raw}/train/*.tar", f"--data.init_args.val_shards={raw}/val/*.tar",
-            *_common(run_dir, seed, steps, progress), _val_every(steps),
+            *data, *shards, *_common(run_dir, seed, steps, progress), _val_every(steps),
             f"--trainer.callbacks.init_args.out_dir={run_dir / 'model'}", *init, *extra.get(stage, [])])
         total_seconds += seconds
         module, dm = cli.model, cli.datamodule
         n_visual = module.vlm.visual_tokens
         train_data = dm.train_data
-        row_len = np.mean([2 + len(p) + len(t) for p, t in zip(train_data.prompt, train_data.target)]) - 1 + n_visual
+        groups = [r if isinstance(r, list) else [r] for r in dm.train_rows()]
+        row_len = np.mean([2 + sum(len(train_data.prompt[i]) + len(train_data.target[i]) for i in g)
+                           for g in groups]) - 1 + n_visual  # expected tokens per row after expansion
         n_rows = steps * batch
+        n_samples = int(round(n_rows * per_row))  # exact for one sample per row, the expectation otherwise
         n_tokens = int(round(row_len * n_rows))
-        vit, proj = _vit_params(module)
-        n_patches = module.vlm.encoder.num_patches
-        vit_factor = 6.0 if module.trainable["encoder"] else 2.0
-        flops = (flops_per_token(module.config.decoder, int(row_len)) * n_tokens
-                 + (vit_factor * vit + 6.0 * proj) * n_patches * n_rows)
+        flops = baseline_flops(module, rows=n_rows, tokens=n_tokens, seq_len=int(row_len))
         stage_curve = read_loss_curve(run_dir)
         curve += [(steps_total + s, v) for s, v in stage_curve]
-        stages[stage] = {"samples": n_rows, "steps": steps, "seconds": seconds, "tokens": n_tokens, "flops": flops,
-                         "validation": {k: float(v) for k, v in cli.trainer.callback_metrics.items()
-                                        if k.startswith("val/")}}
-        samples_seen += n_rows
+        stages[stage] = {"samples": n_samples, "rows": n_rows, "steps": steps, "seconds": seconds, "tokens": n_tokens,
+                         "flops": flops, "validation": {k: float(v) for k, v in cli.trainer.callback_metrics.items()
+                                                        if k.startswith("val/")}}
+        samples_seen += n_samples
         steps_total += steps
         tokens_total += n_tokens
         flops_total += flops

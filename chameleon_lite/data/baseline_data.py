@@ -9,8 +9,9 @@ The baseline reads the SAME raw shards as the native arm's pre-tokenizer, but ke
 Row formats (``P`` = the ``<image>`` placeholder, ``Vocab.image_placeholder``, expanded by the model into the
 projected visual tokens; the loss covers the tokens in ``[...]``), mirroring the native arm's documents::
 
-    pair -> caption     <bos> P [caption <eos>]
-    qa   -> qa          <bos> P question <sep> [answer <eos>]
+    pair -> caption       <bos> P [caption <eos>]
+    qa   -> qa            <bos> P question <sep> [answer <eos>]
+         -> qa_per_image  <bos> P q_1 <sep> [a_1 <eos>] q_2 <sep> [a_2 <eos>] ..   (a row of ``qa_groups``)
 
 Interleaved-document shards (``docs-*``) are not read: the baseline cannot write images, and its decoder
 would only see their text. The native arm's generation documents have no counterpart either.
@@ -49,7 +50,8 @@ from chameleon_lite.image_preprocessing import preprocess_images
 from chameleon_lite.image_tokenizer import ImageTokenizerConfig
 from chameleon_lite.vocab import Vocab
 
-__all__ = ["TASKS", "ImageTextSamples", "LoadReport", "load_image_text_samples", "vlm_batch", "contrastive_batch"]
+__all__ = ["TASKS", "ImageTextSamples", "LoadReport", "load_image_text_samples", "qa_groups", "vlm_batch",
+           "contrastive_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -253,14 +255,35 @@ def _images(samples: ImageTextSamples, indices: Sequence[int]) -> torch.Tensor:
     return samples.images[rows].float() / 127.5 - 1.0  # (B, C, H, W) in [-1, 1]
 
 
-def vlm_batch(samples: ImageTextSamples, indices: Sequence[int], vocab: Vocab) -> dict[str, torch.Tensor]:
+def qa_groups(samples: ImageTextSamples) -> list[list[int]]:
+    """Runs of consecutive QA samples about the same image (the questions a scene's shard lists together)."""
+    groups: list[list[int]] = []
+    for i in samples.indices("qa").tolist():
+        if groups and groups[-1][-1] == i - 1 and samples.image_index[i] == samples.image_index[i - 1]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def vlm_batch(samples: ImageTextSamples, indices: Sequence[int | Sequence[int]], vocab: Vocab
+              ) -> dict[str, torch.Tensor]:
     """Rows ``<bos> P prompt [target]`` right padded: ``images``, ``input_ids``, ``loss_mask`` (the target
-    tokens, i.e. the positions whose token the model must predict), ``task``."""
-    rows, masks = [], []
-    for i in indices:
-        head = [vocab.bos, vocab.image_placeholder, *samples.prompt[i]]
-        rows.append(head + samples.target[i])
-        masks.append([False] * len(head) + [True] * len(samples.target[i]))
+    tokens, i.e. the positions whose token the model must predict), ``task``. An entry of ``indices`` may be a
+    list of samples about one image (``qa_groups``): its row chains their prompts and targets after one ``P``."""
+    rows, masks, firsts = [], [], []
+    for entry in indices:
+        group = [int(entry)] if isinstance(entry, (int, np.integer)) else [int(i) for i in entry]
+        if len({int(samples.image_index[i]) for i in group}) != 1:
+            raise ValueError(f"samples {group} of one row must share their image")
+        row, mask = [vocab.bos, vocab.image_placeholder], [False, False]
+        for i in group:
+            row += [*samples.prompt[i], *samples.target[i]]
+            mask += [False] * len(samples.prompt[i]) + [True] * len(samples.target[i])
+        rows.append(row)
+        masks.append(mask)
+        firsts.append(group[0])
+    indices = firsts
     T = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), T), vocab.pad, dtype=torch.long)  # (B, T)
     loss_mask = torch.zeros(len(rows), T, dtype=torch.bool)  # (B, T)

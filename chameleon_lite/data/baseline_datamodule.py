@@ -22,6 +22,7 @@ from chameleon_lite.data.baseline_data import (
     ImageTextSamples,
     contrastive_batch,
     load_image_text_samples,
+    qa_groups,
     vlm_batch,
 )
 from chameleon_lite.pretrained import resolve_bundle_path
@@ -32,17 +33,20 @@ FORMATS = ("vlm", "contrastive")
 
 
 class _Indices(Dataset):
-    def __init__(self, indices: np.ndarray) -> None:
+    """Rows of a loader: sample indices, or lists of them (the questions about one image)."""
+
+    def __init__(self, indices: Sequence[int | list[int]]) -> None:
         self.indices = indices
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> int:
-        return int(self.indices[i])
+    def __getitem__(self, i: int) -> int | list[int]:
+        entry = self.indices[i]
+        return entry if isinstance(entry, list) else int(entry)
 
 
-def _collate(indices: list[int], samples: ImageTextSamples, bundle: TokenizerBundle, fmt: str) -> dict:
+def _collate(indices: list, samples: ImageTextSamples, bundle: TokenizerBundle, fmt: str) -> dict:
     make = vlm_batch if fmt == "vlm" else contrastive_batch
     return make(samples, indices, bundle.vocab)
 
@@ -61,6 +65,9 @@ class BaselineDataModule(L.LightningDataModule):
         val_batch_size: validation rows per batch (default ``batch_size``).
         val_samples: size of the fixed validation subset (all when larger).
         max_train_samples: per task, read at most this many training samples (None: all).
+        qa_per_image: a training row holds every question about one image (``qa_groups``: the image is read
+            once for all of them) instead of one question; a row then counts as that many samples
+            (``samples_per_row``). Validation rows keep one question each (the evaluation format).
         seed: seeds the epoch permutations and the validation subset.
     """
 
@@ -76,6 +83,7 @@ class BaselineDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         val_samples: int = 512,
         max_train_samples: int | None = None,
+        qa_per_image: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -91,6 +99,7 @@ class BaselineDataModule(L.LightningDataModule):
         self.image_size, self.tasks, self.format = image_size, tasks, format
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.val_samples, self.max_train_samples, self.seed = val_samples, max_train_samples, seed
+        self.qa_per_image = bool(qa_per_image) and format == "vlm"
         self._bundle: TokenizerBundle | None = None
         self.train_data: ImageTextSamples | None = None
         self.val_data: ImageTextSamples | None = None
@@ -116,10 +125,23 @@ class BaselineDataModule(L.LightningDataModule):
                           generator=generator, collate_fn=partial(_collate, samples=data, bundle=self.bundle,
                                                                   fmt=self.format))
 
-    def train_dataloader(self) -> DataLoader:
+    def train_rows(self) -> list[int | list[int]]:
+        """The training rows of one epoch, in data order: sample indices, or per-image question lists."""
         if self.train_data is None:
             self.setup("fit")
-        indices = np.arange(len(self.train_data))
+        if not self.qa_per_image:
+            return list(range(len(self.train_data)))
+        captions = self.train_data.indices("caption").tolist() if "caption" in self.tasks else []
+        return [*captions, *qa_groups(self.train_data)]
+
+    @property
+    def samples_per_row(self) -> float:
+        """Mean samples per training row (1 unless ``qa_per_image``)."""
+        rows = self.train_rows()
+        return sum(len(r) if isinstance(r, list) else 1 for r in rows) / len(rows)
+
+    def train_dataloader(self) -> DataLoader:
+        indices = self.train_rows()
         if len(indices) < self.batch_size:
             raise ValueError(f"{len(indices)} training samples are fewer than batch_size={self.batch_size}")
         loader = self._loader(self.train_data, indices, self.batch_size, shuffle=True)
