@@ -39,12 +39,13 @@ from torch import Tensor, nn
 from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
 from chameleon_lite.image_preprocessing import RESAMPLE_FILTERS, RESIZE_MODES, preprocess_images, to_pil
-from chameleon_lite.vq_autoencoder import Decoder, Encoder
+from chameleon_lite.vq_autoencoder import Decoder, Encoder, PatchEncoder
 
 WEIGHTS_NAME = "image_tokenizer.safetensors"
 CONFIG_NAME = "image_tokenizer.yaml"
 
 QUANTIZERS = ("vq", "fsq", "lfq")
+ENCODERS = ("conv", "patch")
 DEFAULT_CODEBOOK_SIZE = 1024
 # Settings that only change how the model trains or how PIL images are prepared; `load` accepts them differing
 # from the values stored with the weights. Every other field changes the network or the meaning of the codes.
@@ -65,6 +66,11 @@ class ImageTokenizerConfig:
         channel_mult: width multiplier per resolution level; `len - 1` stride-2 steps, so the downsampling factor
             is `2 ** (len(channel_mult) - 1)` and must be 4, 8 or 16.
         num_res_blocks: residual blocks per level (encoder and decoder).
+        encoder: "conv" (VQGAN's: residual blocks, GroupNorm, overlapping receptive fields) or "patch": every latent
+            is a function of its own `f x f` pixel patch only (a kernel = stride = f convolution, then a per-patch
+            residual MLP of `num_res_blocks + 1` layers, no normalisation across the image), so identical patches
+            always get identical codes. For images whose content is aligned with the code grid; the decoder is the
+            same either way.
         mid_block: add ResBlock -> (attention) -> ResBlock at the latent resolution.
         mid_attention: put single-head self-attention in the mid block (ignored without `mid_block`).
         latent_dim: channels of the encoder output fed to the quantizer (and of the decoder input).
@@ -93,6 +99,7 @@ class ImageTokenizerConfig:
     base_channels: int = 16
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     num_res_blocks: int = 1
+    encoder: str = "conv"
     mid_block: bool = True
     mid_attention: bool = False
     latent_dim: int = 64
@@ -119,6 +126,8 @@ class ImageTokenizerConfig:
         for name in ("image_size", "base_channels", "num_res_blocks", "latent_dim", "kmeans_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
@@ -300,7 +309,7 @@ class VQImageTokenizer(nn.Module):
         if not isinstance(config, ImageTokenizerConfig):
             raise ValueError(f"config must be an ImageTokenizerConfig, got {type(config).__name__}")
         self.config = config
-        self.encoder = Encoder(config)
+        self.encoder = PatchEncoder(config) if config.encoder == "patch" else Encoder(config)
         self.quantizer = _Quantizer(config)
         self.decoder = Decoder(config)
 

@@ -112,6 +112,30 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)))  # (B, latent_dim, h, w)
 
 
+class PatchEncoder(nn.Module):
+    """(B, C, H, W) pixels -> (B, latent_dim, H/f, W/f), each latent a function of its own f x f patch only.
+
+    A kernel = stride = f convolution (patchify, as a ViT), then ``num_res_blocks + 1`` residual per-patch layers
+    (SiLU -> 1x1 conv) and a 1x1 projection to ``latent_dim``. No receptive field overlaps a neighbouring patch and
+    no normalisation mixes positions, so two identical patches always get the same latent, hence the same code:
+    on images laid out on the code grid, a code is a property of what is in its cell, not of the neighbours.
+    """
+
+    def __init__(self, config: ImageTokenizerConfig) -> None:
+        super().__init__()
+        f = config.downsample_factor
+        width = config.base_channels * config.channel_mult[-1]
+        self.patchify = nn.Conv2d(config.in_channels, width, f, stride=f)
+        self.layers = nn.ModuleList(nn.Conv2d(width, width, 1) for _ in range(config.num_res_blocks + 1))
+        self.conv_out = nn.Conv2d(width, config.latent_dim, 1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.patchify(images)  # (B, width, h, w)
+        for layer in self.layers:
+            x = x + layer(F.silu(x))  # (B, width, h, w), per patch
+        return self.conv_out(F.silu(x))  # (B, latent_dim, h, w)
+
+
 class Decoder(nn.Module):
     """(B, latent_dim, h, w) quantized latents -> (B, C, h*f, w*f) pixels (unbounded)."""
 

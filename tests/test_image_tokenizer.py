@@ -101,6 +101,7 @@ def test_config_derived_values_and_round_trip():
         (dict(quantizer="fsq", fsq_levels=[2, 4]), "fsq_levels"),
         (dict(resize_mode="stretch"), "resize_mode"),
         (dict(pad_color=[0, 0, 300]), "pad_color"),
+        (dict(encoder="vit"), "encoder"),
     ],
 )
 def test_config_rejects_bad_values(overrides, message):
@@ -132,6 +133,23 @@ def test_encode_decode_shapes_and_eval_consistency(quantizer, downsample):
     out = model(images)  # eval mode
     assert torch.equal(out.codes, codes)
     torch.testing.assert_close(decoded, out.recon, rtol=0, atol=1e-6)
+
+
+def test_patch_encoder_codes_depend_on_their_own_patch_only():
+    """encoder='patch': changing one f x f patch changes that position's code and no other (the conv encoder's
+    overlapping receptive fields and GroupNorm change many); the model still round-trips shapes and dtypes."""
+    torch.manual_seed(0)
+    images = square_images(6)
+    for encoder, local in (("patch", True), ("conv", False)):
+        model = warmed_up(VQImageTokenizer(tiny_config("vq", 8, encoder=encoder)), images)
+        with torch.no_grad():
+            latents = model.encoder(images)  # (B, latent_dim, 4, 4)
+            changed = images.clone()
+            changed[:, :, :8, :8] = 1.0  # the top-left 8x8 patch only
+            moved = (model.encoder(changed) - latents).abs().amax(dim=1) > 0  # (B, 4, 4)
+        assert moved[:, 0, 0].all()
+        assert (moved.sum(dim=(1, 2)) == 1).all() == local, encoder
+    assert model.decode(model.encode(images)).shape == images.shape
 
 
 def test_encode_does_not_touch_quantizer_state_in_train_mode():
