@@ -57,6 +57,10 @@ class CompareConfig:
     name: str = MISSING
     train_samples: int = MISSING  # training samples (documents / rows) each arm sees
     seeds: list[int] = field(default_factory=lambda: [0])
+    # trainer precision of every stage of both arms: "auto" = the recipes' own on a GPU and, on a CPU, the one
+    # this CPU trains fastest in (perf.fastest_cpu_precision: bf16-mixed with AMX, else 32-true); or any
+    # Lightning precision string, e.g. "32-true"
+    precision: str = "auto"
     data: DataSpec = field(default_factory=DataSpec)
     native: NativeArm = field(default_factory=NativeArm)
     baseline: BaselineArm = field(default_factory=BaselineArm)
@@ -65,6 +69,8 @@ class CompareConfig:
     def __post_init__(self) -> None:
         if self.train_samples != MISSING and self.train_samples < 1:
             raise ValueError(f"train_samples={self.train_samples} must be >= 1")
+        if not isinstance(self.precision, str) or not self.precision:
+            raise ValueError(f"precision={self.precision!r} must be 'auto' or a Lightning precision string")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds={self.seeds} must be a non-empty list without repeats")
 

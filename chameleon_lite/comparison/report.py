@@ -183,6 +183,22 @@ def _reading(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _world_lines(metrics: dict[str, Any]) -> list[str]:
+    """The data both arms were trained and tested on, in two sentences (empty for older metrics files)."""
+    world = metrics.get("world")
+    if not world:
+        return []
+    c, n = world["config"], world["splits"]
+    held = ", ".join(f"{color} {shape}" for color, shape in world["held_out"])
+    h, w = world["image_grid"]
+    return [f"**Data.** A shapes world of {n['train']:,} training, {n['val']:,} validation and {n['test']:,} test "
+            f"scenes: {c['min_objects']}–{c['max_objects']} objects on a {c['grid']}×{c['grid']} grid, "
+            f"{c['image_size']}×{c['image_size']} px, shapes {', '.join(c['shapes'])}, colours "
+            f"{', '.join(c['colors'])}. Held out of training: {held} "
+            f"({world['test_held_out_fraction']:.0%} of test scenes are built around one). The native arm sees each "
+            f"image as {h}×{w} codes of the {world['codebook_size']}-code tokenizer `{world['tokenizer']}`.", ""]
+
+
 def write_report(metrics: dict[str, Any], examples: dict[str, Any], out: str | Path) -> Path:
     """Write the plots, ``metrics.json`` and ``report.md`` into ``out``; returns the report's path."""
     out = Path(out)
@@ -202,6 +218,7 @@ def write_report(metrics: dict[str, Any], examples: dict[str, Any], out: str | P
         f"(± std over seeds when several). Evaluation: the first {ev['qa_questions']} test questions, "
         f"{ev['captions']} test captions, {ev['text_to_image']} text->image prompts (CFG {ev['cfg_scale']}).",
         "",
+        *_world_lines(metrics),
         "## Reading",
         "",
         *_reading(metrics),

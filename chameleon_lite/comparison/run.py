@@ -127,8 +127,11 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
         "name": cfg.name, "package_version": _version(), "created": datetime.now(timezone.utc).isoformat(),
         "machine": _machine(), "config": asdict(cfg), "seeds": list(cfg.seeds),
         "budget": {"train_samples": cfg.train_samples}, "arms": {arm: {"per_seed": []} for arm in ARMS},
+        "world": _world_summary(world, cfg.data.tokenizer),
     }
     examples: dict[str, Any] = {}
+    precision = _precision_overrides(cfg.precision)
+    metrics["precision"] = precision[0].split("=", 1)[1] if precision else "recipe"
     for seed in cfg.seeds:
         seed_dir = out / f"seed{seed}"
         L.seed_everything(seed, workers=True)
@@ -138,7 +141,8 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
         else:
             trained["native"] = train_native(
                 cfg.native.recipe, seed_dir, tokens=cfg.data.tokens, tokenizer=cfg.data.tokenizer,
-                train_samples=cfg.train_samples, seed=seed, extra=list(cfg.native.overrides), progress=progress)
+                train_samples=cfg.train_samples, seed=seed, extra=[*precision, *cfg.native.overrides],
+                progress=progress)
         if cfg.baseline.model_dir:
             trained["baseline"] = None
         else:
@@ -147,8 +151,8 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
                 b.encoder_recipe, b.stage1_recipe, b.stage2_recipe, seed_dir, raw=str(raw),
                 tokenizer=cfg.data.tokenizer, train_samples=cfg.train_samples, stage1_fraction=b.stage1_fraction,
                 encoder_samples=b.encoder_samples, seed=seed, progress=progress,
-                extra={"encoder": list(b.encoder_overrides), "stage1": list(b.stage1_overrides),
-                       "stage2": list(b.stage2_overrides)})
+                extra={"encoder": [*precision, *b.encoder_overrides], "stage1": [*precision, *b.stage1_overrides],
+                       "stage2": [*precision, *b.stage2_overrides]})
         decoders = {}
         for arm in ARMS:
             model_dir = getattr(cfg, arm).model_dir or trained[arm].model_dir
@@ -178,6 +182,31 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
     metrics["seconds"] = time.perf_counter() - started
     report = write_report(metrics, examples, out)
     return {"metrics": metrics, "report": report}
+
+
+def _world_summary(spec: Any, tokenizer: str) -> dict[str, Any]:
+    """What the data is: the world's config, split sizes, held-out combos and the tokenizer's code grid."""
+    from chameleon_lite.bundle import load_bundle
+    from chameleon_lite.pretrained import resolve_bundle_path
+
+    bundle = load_bundle(resolve_bundle_path(tokenizer), load_image_tokenizer=False)
+    return {"config": spec.world.to_dict(), "splits": {s: getattr(spec, s) for s in ("train", "val", "test")},
+            "held_out": [list(c) for c in spec.held_out], "test_held_out_fraction": spec.test_held_out_fraction,
+            "tokenizer": bundle.name, "image_grid": list(bundle.image_grid),
+            "codebook_size": bundle.vocab.codebook_size}
+
+
+def _precision_overrides(precision: str) -> list[str]:
+    """``--trainer.precision`` for every stage of both arms (the same for both: a fair comparison), or none."""
+    if precision != "auto":
+        return [f"--trainer.precision={precision}"]
+    if torch.cuda.is_available():
+        return []  # the recipes' own (bf16-mixed in the GPU recipes)
+    from chameleon_lite.perf import fastest_cpu_precision
+
+    chosen = fastest_cpu_precision()
+    logger.info("precision auto: %s on this CPU", chosen)
+    return [f"--trainer.precision={chosen}"]
 
 
 def _qa_numbers(qa: dict[str, Any]) -> dict[str, Any]:
