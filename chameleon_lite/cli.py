@@ -175,6 +175,30 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _learning_curve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from chameleon_lite.comparison.config import load_compare_config
+    from chameleon_lite.comparison.learning_curve import check_budgets, check_overrides, learning_curve
+
+    try:
+        budgets = check_budgets(args.budgets)
+    except ValueError as err:
+        raise SystemExit(f"--budgets: {err}") from err
+    try:  # before any data is generated
+        overrides = check_overrides(args.set or [])
+        load_compare_config(args.config, [*overrides, f"train_samples={budgets[0]}"])
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"learning-curve: {err}") from err
+    if args.demo_world:
+        from chameleon_lite.comparison.demo import prepare_demo_data
+
+        overrides = [*prepare_demo_data(args.out, args.config, progress=not args.no_progress), *overrides]
+    learning_curve(args.config, args.out, budgets, overrides=overrides, progress=not args.no_progress)
+    print(Path(args.out, "curve.md").read_text(encoding="utf-8").split("## Training time")[0])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chameleon-lite", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"chameleon-lite {__version__}")
@@ -246,6 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     dem.add_argument("--set", action="append", help="override a value of configs/compare/demo.yaml")
     dem.add_argument("--no-progress", action="store_true", help="no progress bars")
     dem.set_defaults(func=_demo)
+
+    lc = sub.add_parser("learning-curve", help="the comparison at several sample budgets: accuracy against samples")
+    lc.add_argument("--config", required=True, help="configs/compare/<name>.yaml (its train_samples is replaced)")
+    lc.add_argument("--out", required=True, help="output directory (curve.md, curve.json, learning_curve.png, "
+                                                 "samples-<budget>/ runs)")
+    lc.add_argument("--budgets", required=True, type=int, nargs="+", metavar="N",
+                    help="training samples per arm, at least 4 distinct positive integers, e.g. 3750 7500 15000 30000")
+    lc.add_argument("--set", action="append", help="override a config value for every run, e.g. --set seeds=[0,1]")
+    lc.add_argument("--demo-world", action="store_true",
+                    help="first generate and pre-tokenize the demo's shapes world under OUT, as `demo` does")
+    lc.add_argument("--no-progress", action="store_true", help="no progress bars")
+    lc.set_defaults(func=_learning_curve)
 
     for name in LIGHTNING_SUBCOMMANDS:  # listed for --help; parsed by LightningCLI
         sub.add_parser(name, help=f"LightningCLI {name} (see chameleon-lite {name} --help)", add_help=False)

@@ -6,7 +6,8 @@
    pretraining, stage 1, stage 2) under the same sample budget, evaluate both, write ``OUT/report.md``.
 
 Steps whose output already exists (same world spec, token record present) are reused, so a second run only
-retrains and re-evaluates.
+retrains and re-evaluates. Steps 1 and 2 are ``prepare_demo_data`` (also used by ``chameleon-lite learning-curve
+--demo-world``).
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from chameleon_lite.pretrained import resolve_bundle_path
 
-__all__ = ["demo", "DEMO_CONFIG", "DEMO_WORLD"]
+__all__ = ["demo", "prepare_demo_data", "DEMO_CONFIG", "DEMO_WORLD"]
 
 logger = logging.getLogger(__name__)
 
 DEMO_CONFIG = "configs/compare/demo.yaml"
-DEMO_WORLD = {"train": 2500, "val": 200, "test": 300, "seed": 0}
+DEMO_WORLD = {"train": 5000, "val": 200, "test": 300, "seed": 0, "world": {"image_size": 48}}
 
 
 def _same_world(path: Path, spec) -> bool:
@@ -37,17 +39,21 @@ def _same_world(path: Path, spec) -> bool:
         return False
 
 
-def demo(out: str | Path = "runs/demo", *, config: str = DEMO_CONFIG, overrides: list[str] = (),
-         world: dict[str, int] | None = None, progress: bool = True) -> Path:
-    """Run the demo; returns the path of ``report.md``."""
+def prepare_demo_data(out: str | Path, config: str | Path, *, world: dict[str, Any] | None = None,
+                      progress: bool = True) -> list[str]:
+    """The demo's data steps: generate the shapes world into ``OUT/data`` and pre-tokenize its ``train``/``val``
+    splits into ``OUT/tokens`` with the tokenizer bundle named by ``config``'s ``data.tokenizer``.
+
+    Steps whose output already exists (same world spec, token record present) are reused. Returns the
+    ``data.*`` dotlist overrides that point a compare config at this data (``data.raw``, ``data.tokens``,
+    ``data.tokenizer``). ``world``: a ``ShapesWorldSpec`` as a dict (default ``DEMO_WORLD``).
+    """
     from chameleon_lite.bundle import load_bundle
-    from chameleon_lite.comparison.run import compare
     from chameleon_lite.data.pretokenize import RECORD_FILE, tokenize_shards
     from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
 
     out = Path(out)
-    started = time.perf_counter()
-    spec = ShapesWorldSpec(**(world or DEMO_WORLD))
+    spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ShapesWorldSpec), world or DEMO_WORLD))
     data, tokens = out / "data", out / "tokens"
     if _same_world(data, spec):
         print(f"[demo] reusing the shapes world in {data}")
@@ -56,8 +62,7 @@ def demo(out: str | Path = "runs/demo", *, config: str = DEMO_CONFIG, overrides:
         write_shapes_world(spec, data, progress=progress)
         for split in ("train", "val"):
             (tokens / split / RECORD_FILE).unlink(missing_ok=True)
-    config_path = resolve_bundle_path(config)
-    cfg = OmegaConf.load(config_path)
+    cfg = OmegaConf.load(resolve_bundle_path(config))
     bundle_dir = resolve_bundle_path(cfg.data.tokenizer)
     bundle = load_bundle(bundle_dir)
     for split in ("train", "val"):
@@ -67,8 +72,19 @@ def demo(out: str | Path = "runs/demo", *, config: str = DEMO_CONFIG, overrides:
         print(f"[demo] 2/3 pre-tokenizing the {split} split with {bundle_dir}")
         stats = tokenize_shards(bundle, str(data / split / "*.tar"), tokens / split, progress=progress)
         print(f"[demo]     {stats.samples} samples, {stats.images_per_second:.0f} images/s")
+    return [f"data.raw={data}", f"data.tokens={tokens}", f"data.tokenizer={bundle_dir}"]
+
+
+def demo(out: str | Path = "runs/demo", *, config: str = DEMO_CONFIG, overrides: list[str] = (),
+         world: dict[str, Any] | None = None, progress: bool = True) -> Path:
+    """Run the demo; returns the path of ``report.md``."""
+    from chameleon_lite.comparison.run import compare
+
+    out = Path(out)
+    started = time.perf_counter()
+    data_overrides = prepare_demo_data(out, config, world=world, progress=progress)
+    config_path = resolve_bundle_path(config)
     print(f"[demo] 3/3 training and comparing both arms ({config_path})")
-    data_overrides = [f"data.raw={data}", f"data.tokens={tokens}", f"data.tokenizer={bundle_dir}"]
     result = compare(config_path, out, overrides=[*data_overrides, *overrides], progress=progress)
     minutes = (time.perf_counter() - started) / 60
     print(f"[demo] done in {minutes:.1f} min: {result['report']}")
