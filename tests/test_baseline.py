@@ -96,6 +96,7 @@ def test_qa_per_image_rows_chain_the_questions_about_one_image(bundle, world):
     samples, _ = load_image_text_samples(str(world / "val" / "*.tar"), bundle, progress=False)
     groups = qa_groups(samples)
     assert len(groups) == 8 and all(len(g) == 2 for g in groups)  # 8 scenes, 2 questions each
+    assert all(len({int(samples.image_index[i]) for i in g}) == 1 for g in groups)
     a, b = groups[0]
     batch = vlm_batch(samples, [groups[0], a], bundle.vocab)
     v = bundle.vocab

@@ -153,8 +153,9 @@ def test_doc_format(tmp_path, bundle_dir):
 
 
 def test_qa_per_image_chains_the_questions_about_one_image(tmp_path, bundle_dir):
-    samples = [qa("s-q0", IMAGE, [50, 51], [60]), qa("s-q1", IMAGE, [52], [61, 62]),
-               qa("t-q0", [1, 2, 3, 4], [53], [63])]
+    # interleaved, as pre-tokenization with several workers writes them: grouping goes by image, not position
+    samples = [qa("s-q0", IMAGE, [50, 51], [60]), qa("t-q0", [1, 2, 3, 4], [53], [63]),
+               qa("s-q1", IMAGE, [52], [61, 62])]
     d = write_tokens(tmp_path / "qa", samples, bundle_dir)
     dm = TokenDataModule(str(d), None, tokenizer=str(bundle_dir), seq_len=32, batch_size=2, cache=False,
                          qa_per_image=True)

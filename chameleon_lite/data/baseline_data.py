@@ -256,14 +256,11 @@ def _images(samples: ImageTextSamples, indices: Sequence[int]) -> torch.Tensor:
 
 
 def qa_groups(samples: ImageTextSamples) -> list[list[int]]:
-    """Runs of consecutive QA samples about the same image (the questions a scene's shard lists together)."""
-    groups: list[list[int]] = []
+    """The QA samples about each distinct image (a scene's questions), in order of first appearance."""
+    groups: dict[int, list[int]] = {}
     for i in samples.indices("qa").tolist():
-        if groups and groups[-1][-1] == i - 1 and samples.image_index[i] == samples.image_index[i - 1]:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
+        groups.setdefault(int(samples.image_index[i]), []).append(i)
+    return list(groups.values())
 
 
 def vlm_batch(samples: ImageTextSamples, indices: Sequence[int | Sequence[int]], vocab: Vocab

@@ -21,8 +21,8 @@ Notable design choices:
 - **Generation documents have no loss on their final ``<eos>``**: without its caption, ``<bos> I <eos>`` has the
   same prefix as a caption document, and teaching ``<eos>`` right after ``<eoi>`` there would fight the caption
   task. Generation stops by the grid size anyway.
-- **Questions per image.** The questions about one picture (consecutive QA samples with identical codes, as the
-  shapes world writes a scene's questions) also form one ``qa_per_image`` document, stored with the first of them:
+- **Questions per image.** The questions about one picture (QA samples with identical codes: a scene's questions)
+  also form one ``qa_per_image`` document, stored with the first of them:
   the image is read once for all its questions, about 2.7x fewer tokens per question in the 48-px world. Its first
   question sees exactly the single-question prompt, so evaluation prompts are unchanged. ``doc_samples`` counts
   the samples a document holds (the unit of a sample budget).
@@ -63,8 +63,9 @@ logger = logging.getLogger(__name__)
 
 PAIR_FORMATS = ("caption", "generation", "generation_uncond")  # columns of TokenDocuments.sample_formats
 QA_FORMATS = ("qa", "qa_per_image")  # a QA sample's columns (qa_per_image only for the first question of an image)
+QA_PER_IMAGE_MAX = 12  # questions in one qa_per_image document (identical pictures of several scenes are chunked)
 CACHE_DIR = ".cache"
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def tokenize_hint(token_dir: str | os.PathLike, tokenizer: str | os.PathLike) -> str:
@@ -361,20 +362,17 @@ def _format_documents(samples: _Samples, images: np.ndarray, text: np.ndarray, t
 
 
 def _qa_groups(samples: _Samples, images: np.ndarray) -> dict[int, list[int]]:
-    """First QA sample of each run of consecutive QA samples about the same image -> the run's samples."""
-    groups: dict[int, list[int]] = {}
-    first, previous = -1, None
+    """First QA sample of each group -> the group: the QA samples about one distinct image, in sample order, in
+    chunks of at most ``QA_PER_IMAGE_MAX``.
+
+    Grouped by the image's codes, not by position: pre-tokenization interleaves the shards its workers read.
+    """
+    groups: dict[bytes, list[int]] = {}
     for i, (kind, layout) in enumerate(zip(samples.kinds, samples.layouts)):
-        if KINDS[kind] != "qa":
-            previous = None
-            continue
-        image = images[dict(layout)["image"]]
-        if previous is None or not np.array_equal(image, previous):
-            first = i
-            groups[first] = []
-        groups[first].append(i)
-        previous = image
-    return groups
+        if KINDS[kind] == "qa":
+            groups.setdefault(images[dict(layout)["image"]].tobytes(), []).append(i)
+    chunks = [m[j:j + QA_PER_IMAGE_MAX] for m in groups.values() for j in range(0, len(m), QA_PER_IMAGE_MAX)]
+    return {chunk[0]: chunk for chunk in chunks}
 
 
 def _json_members(shard: str) -> Iterator[tuple[str, bytes]]:
