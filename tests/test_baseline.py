@@ -113,6 +113,19 @@ def test_qa_per_image_rows_chain_the_questions_about_one_image(bundle, world):
     assert sorted(i for r in rows for i in (r if isinstance(r, list) else [r])) == list(range(24))
 
 
+def test_length_grouped_batches_are_seeded_disjoint_and_similar_in_length():
+    from chameleon_lite.data.baseline_datamodule import length_grouped_batches
+
+    lengths = [(i * 37) % 200 for i in range(1000)]
+    a = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(1), window=10)
+    b = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(1), window=10)
+    assert a == b and len(a) == 1000 // 8 and all(len(x) == 8 for x in a)
+    flat = [i for batch in a for i in batch]
+    assert len(set(flat)) == len(flat)  # no row twice
+    spread = sum(max(lengths[i] for i in x) - min(lengths[i] for i in x) for x in a) / len(a)
+    assert spread < 20  # a random batch of 8 spans ~155 of the 200 lengths
+
+
 def test_image_changes_the_prediction(bundle, world):
     model = _tiny_model(bundle).eval()
     samples, _ = load_image_text_samples(str(world / "val" / "*.tar"), bundle, progress=False)

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from chameleon_lite.bundle import TokenizerBundle
 from chameleon_lite.data.pretokenize import shards_by_kind
 from chameleon_lite.data.readers import pair_dataset, qa_dataset
+from chameleon_lite.data.token_documents import QA_PER_IMAGE_MAX
 from chameleon_lite.image_preprocessing import preprocess_images
 from chameleon_lite.image_tokenizer import ImageTokenizerConfig
 from chameleon_lite.vocab import Vocab
@@ -256,11 +257,12 @@ def _images(samples: ImageTextSamples, indices: Sequence[int]) -> torch.Tensor:
 
 
 def qa_groups(samples: ImageTextSamples) -> list[list[int]]:
-    """The QA samples about each distinct image (a scene's questions), in order of first appearance."""
+    """The QA samples about each distinct image (a scene's questions), in order of first appearance, in chunks of at
+    most ``QA_PER_IMAGE_MAX`` (identical pictures of several scenes would otherwise make one very long row)."""
     groups: dict[int, list[int]] = {}
     for i in samples.indices("qa").tolist():
         groups.setdefault(int(samples.image_index[i]), []).append(i)
-    return list(groups.values())
+    return [g[j:j + QA_PER_IMAGE_MAX] for g in groups.values() for j in range(0, len(g), QA_PER_IMAGE_MAX)]
 
 
 def vlm_batch(samples: ImageTextSamples, indices: Sequence[int | Sequence[int]], vocab: Vocab

@@ -46,6 +46,22 @@ class _Indices(Dataset):
         return entry if isinstance(entry, list) else int(entry)
 
 
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator,
+                           window: int = 50) -> list[list[int]]:
+    """Seeded batches of row indices with similar lengths (the rows of a batch are padded to the longest).
+
+    A random permutation is cut into windows of ``window * batch_size`` rows, each window is sorted by length and
+    cut into batches, and the batches are shuffled; an incomplete last batch is dropped (as ``drop_last``). Every
+    row is used at most once and the order is a pure function of the generator's seed.
+    """
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    batches = []
+    for start in range(0, len(order), window * batch_size):
+        chunk = sorted(order[start:start + window * batch_size], key=lambda i: lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk) - batch_size + 1, batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def _collate(indices: list, samples: ImageTextSamples, bundle: TokenizerBundle, fmt: str) -> dict:
     make = vlm_batch if fmt == "vlm" else contrastive_batch
     return make(samples, indices, bundle.vocab)
@@ -120,10 +136,17 @@ class BaselineDataModule(L.LightningDataModule):
                                                        tasks=self.tasks)
 
     def _loader(self, data: ImageTextSamples, indices: np.ndarray, batch_size: int, *, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed + self.epochs_started) if shuffle else None
-        return DataLoader(_Indices(indices), batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
-                          generator=generator, collate_fn=partial(_collate, samples=data, bundle=self.bundle,
-                                                                  fmt=self.format))
+        collate = partial(_collate, samples=data, bundle=self.bundle, fmt=self.format)
+        if not shuffle:
+            return DataLoader(_Indices(indices), batch_size=batch_size, shuffle=False, collate_fn=collate)
+        generator = torch.Generator().manual_seed(self.seed + self.epochs_started)
+        if not self.qa_per_image:
+            return DataLoader(_Indices(indices), batch_size=batch_size, shuffle=True, drop_last=True,
+                              generator=generator, collate_fn=collate)
+        lengths = [sum(len(data.prompt[i]) + len(data.target[i]) for i in (r if isinstance(r, list) else [r]))
+                   for r in indices]
+        batches = length_grouped_batches(lengths, batch_size, generator)
+        return DataLoader(_Indices(indices), batch_sampler=batches, collate_fn=collate)
 
     def train_rows(self) -> list[int | list[int]]:
         """The training rows of one epoch, in data order: sample indices, or per-image question lists."""
