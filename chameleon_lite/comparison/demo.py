@@ -1,9 +1,11 @@
 """``chameleon-lite demo``: the whole pipeline at tiny scale on a CPU, nothing downloaded.
 
-1. generate a shapes world (``OUT/data``),
-2. pre-tokenize it with the shipped tokenizer bundle (``OUT/tokens``),
-3. run ``configs/compare/demo.yaml`` on it: train the tiny native model and the tiny baseline (encoder
-   pretraining, stage 1, stage 2) under the same sample budget, evaluate both, write ``OUT/report.md``.
+1. generate a shapes world (``OUT/data``): ``DEMO_WORLD``, the default world's objects, colours, grid, question
+   categories and held-out combos rendered at 48 px, so that each 16-px grid cell is one 2x2 block of codes of the
+   ``tokenizers/shapes-48`` bundle (see that bundle's README for why),
+2. pre-tokenize it with the bundle the demo config names (``OUT/tokens``),
+3. run ``configs/compare/demo.yaml`` on it: train the native model and the baseline (encoder pretraining,
+   stage 1, stage 2; identical decoders) under the same sample budget, evaluate both, write ``OUT/report.md``.
 
 Steps whose output already exists (same world spec, token record present) are reused, so a second run only
 retrains and re-evaluates. Steps 1 and 2 are ``prepare_demo_data`` (also used by ``chameleon-lite learning-curve
