@@ -23,7 +23,7 @@ from pathlib import Path
 
 from chameleon_lite.comparison.config import load_compare_config
 from chameleon_lite.comparison.evaluate import evaluate_qa, evaluate_text_to_image
-from chameleon_lite.comparison.run import _precision_overrides
+from chameleon_lite.comparison.run import precision_overrides
 from chameleon_lite.comparison.training import train_baseline, train_native
 from chameleon_lite.data.parser import parse_scene
 from chameleon_lite.data.shapes_world import load_world_spec
@@ -36,7 +36,7 @@ CATEGORIES = ("count", "color", "shape", "binding", "spatial", "negation", "exis
 def run_one(name: str, extra: list[str], args: argparse.Namespace) -> dict:
     cfg = load_compare_config(args.config, [f"data.raw={args.data}/data", f"data.tokens={args.data}/tokens"])
     samples = args.samples or cfg.train_samples
-    precision = _precision_overrides(cfg.precision)
+    precision = precision_overrides(cfg.precision)
     out = Path(args.out) / name
     started = time.perf_counter()
     if args.arm == "native":

@@ -130,7 +130,7 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
         "world": _world_summary(world, cfg.data.tokenizer),
     }
     examples: dict[str, Any] = {}
-    precision = _precision_overrides(cfg.precision)
+    precision = precision_overrides(cfg.precision)
     metrics["precision"] = precision[0].split("=", 1)[1] if precision else "recipe"
     for seed in cfg.seeds:
         seed_dir = out / f"seed{seed}"
@@ -196,7 +196,7 @@ def _world_summary(spec: Any, tokenizer: str) -> dict[str, Any]:
             "codebook_size": bundle.vocab.codebook_size}
 
 
-def _precision_overrides(precision: str) -> list[str]:
+def precision_overrides(precision: str) -> list[str]:
     """``--trainer.precision`` for every stage of both arms (the same for both: a fair comparison), or none."""
     if precision != "auto":
         return [f"--trainer.precision={precision}"]

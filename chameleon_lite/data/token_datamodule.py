@@ -169,10 +169,11 @@ class DocumentPacker:
             self.samples["qa"] = self.samples["qa"][docs.sample_formats[self.samples["qa"], 1] >= 0]
         self._plans: OrderedDict[int, EpochPlan] = OrderedDict()
         self._doc_loss: np.ndarray | None = None
-        # (N_tok,) True for a token before its document's first loss target (the context it is conditioned on)
-        seen = np.cumsum(docs.loss, dtype=np.int64)  # targets up to and including each token
-        before_doc = np.repeat(seen[docs.doc_start] - docs.loss[docs.doc_start], docs.doc_len)
-        self.context = seen - before_doc == 0
+        self.context: np.ndarray | None = None  # (N_tok,) context flags, computed when context_loss_weight > 0
+        if mix.context_loss_weight > 0:  # True for a token before its document's first loss target
+            seen = np.cumsum(docs.loss, dtype=np.int64)  # targets up to and including each token
+            before_doc = np.repeat(seen[docs.doc_start] - docs.loss[docs.doc_start], docs.doc_len)
+            self.context = seen - before_doc == 0
 
     def documents(self, epoch: int) -> np.ndarray:
         """Document ids of data epoch ``epoch``, unshuffled (kinds in ``mix.kinds`` order)."""
