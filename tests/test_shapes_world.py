@@ -390,6 +390,27 @@ def test_questions_are_deterministic_and_respect_n():
         make_questions(scene, random.Random(0), CONFIG, categories=("astrology",))
 
 
+def test_question_order_carries_no_answer():
+    """All questions about an image share one training document: their order must not give answers away.
+
+    A fixed order (count first; the positive existence question before the negative one) let a model answer
+    "yes" to every first existence question it saw, without looking at the image.
+    """
+    rng = random.Random(5)
+    first_categories, first_existence_answers = Counter(), Counter()
+    for scene in scenes(43, 300):
+        for n in (None, 10):
+            questions = make_questions(scene, rng, CONFIG, n=n)
+            first_categories[questions[0].category] += 1
+            existence = [q for q in questions if q.category == "existence"]
+            if len(existence) >= 2:
+                first_existence_answers[existence[0].answer] += 1
+    assert len(first_categories) == len(CATEGORIES), first_categories
+    assert min(first_categories.values()) >= 20, first_categories
+    yes, no = first_existence_answers["yes"], first_existence_answers["no"]
+    assert min(yes, no) >= 0.35 * (yes + no), first_existence_answers
+
+
 def test_held_out_combos_are_never_mentioned():
     held_out = DEFAULT_HELD_OUT
     rng = random.Random(5)

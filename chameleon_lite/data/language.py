@@ -554,6 +554,10 @@ def make_questions(
     ``n=None``: one question per applicable category, and for ``existence`` one positive plus one negative
     (POPE type drawn at random among those available), so yes/no stays balanced. ``n=k``: up to ``k``
     distinct questions, categories visited round-robin in a shuffled order (fewer if the scene runs out).
+
+    The list comes back in a random order (``rng``): training puts all questions about an image into one document
+    (``qa_per_image``), and a fixed order (count first, the positive existence question before the negative one)
+    let a model answer by position instead of by looking: it learned "the first existence question is a yes".
     """
     ctx = _Context(scene, rng, config, frozenset(exclude_combos))
     categories = tuple(categories)
@@ -567,6 +571,7 @@ def make_questions(
                 qa = _category_question(ctx, category, want_positive)
                 if qa is not None:
                     questions.append(qa)
+        rng.shuffle(questions)
         return questions
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -586,4 +591,5 @@ def make_questions(
             if qa is not None and qa.question not in seen:
                 seen.add(qa.question)
                 questions.append(qa)
+    rng.shuffle(questions)
     return questions
