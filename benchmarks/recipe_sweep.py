@@ -74,7 +74,8 @@ def run_one(name: str, extra: list[str], args: argparse.Namespace) -> dict:
         world = load_world_spec(raw)
         t2i, _ = evaluate_text_to_image(model, str(raw / "val" / "pairs-*.tar"),
                                         partial(parse_scene, config=world.world), limit=args.images,
-                                        cfg_scale=cfg.eval.cfg_scale, progress=False)
+                                        cfg_scale=cfg.eval.cfg_scale,
+                                        image_temperature=cfg.eval.image_temperature, progress=False)
         row["t2i_all_correct"] = t2i["all_correct"]["mean"]
         row["t2i_recall"] = t2i["recall"]["mean"]
     row["wall_seconds"] = round(time.perf_counter() - started, 1)

@@ -47,6 +47,7 @@ class EvalSpec:
     captions: int = 100
     text_to_image: int = 32
     cfg_scale: float = 3.0
+    image_temperature: float = 1.0  # sampling temperature of image codes (0 = greedy)
     batch_size: int = 32
 
 

@@ -85,17 +85,19 @@ def _intended(sample: dict[str, Any]) -> Scene:
 
 
 def evaluate_text_to_image(model: Any, shards: str, parse: Callable[[Image.Image], Any], *, limit: int,
-                           cfg_scale: float, seed: int = 0, batch_size: int = 16,
+                           cfg_scale: float, image_temperature: float = 1.0, seed: int = 0, batch_size: int = 16,
                            progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Generate an image for each caption and score it against the caption's scene with ``parse``.
 
     Returns the GenEval-style table (``aggregate_generation_scores``) and per-sample rows (caption, verdict,
-    image) for the example grid. Image codes are sampled at temperature 1 with guidance ``cfg_scale``.
+    image) for the example grid. Image codes are sampled at ``image_temperature`` (0 = greedy) with guidance
+    ``cfg_scale``.
     """
     samples = [s for s in islice(pair_dataset(shards), limit) if "scene" in s["meta"]]
     scores, rows = [], []
     for b, batch in enumerate(tqdm(list(_batched(samples, batch_size)), desc="text->image", disable=not progress)):
         outputs = model.generate([[s["text"].strip()] for s in batch], mode="image", cfg_scale=cfg_scale,
+                                 image_temperature=image_temperature,
                                  seed=seed + b)
         for sample, out in zip(batch, outputs):
             images = [x for x in out if isinstance(x, Image.Image)]

@@ -216,7 +216,8 @@ def write_report(metrics: dict[str, Any], examples: dict[str, Any], out: str | P
         f"seeds {seeds}; wall time {metrics['seconds'] / 60:.1f} min. Budget: {metrics['budget']['train_samples']:,} "
         f"training samples per arm. Tables show seed {seeds[0]}'s counts; percentages are the mean "
         f"(± std over seeds when several). Evaluation: the first {ev['qa_questions']} test questions, "
-        f"{ev['captions']} test captions, {ev['text_to_image']} text->image prompts (CFG {ev['cfg_scale']}).",
+        f"{ev['captions']} test captions, {ev['text_to_image']} text->image prompts (CFG {ev['cfg_scale']}, "
+        f"image temperature {ev.get('image_temperature', 1.0)}).",
         "",
         *_world_lines(metrics),
         "## Reading",

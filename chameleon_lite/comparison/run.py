@@ -98,7 +98,7 @@ def _evaluate_arm(arm: str, model: Any, config: CompareConfig, parse, references
     if arm == "native" and ev.text_to_image > 0:
         result["text_to_image"], rows = evaluate_text_to_image(
             model, str(test / "pairs-*.tar"), parse, limit=ev.text_to_image, cfg_scale=ev.cfg_scale,
-            batch_size=min(ev.batch_size, 16), progress=progress)
+            image_temperature=ev.image_temperature, batch_size=min(ev.batch_size, 16), progress=progress)
     first = next(iter(pair_dataset(str(test / "pairs-*.tar"))))
     visual = model.bundle.image_tokens if arm == "native" else model.visual_tokens  # native: with <boi>, <eoi>
     result["cost"] = {"visual_tokens_per_image": visual, "parameters": parameter_counts(model),
