@@ -203,7 +203,7 @@ def rgb_at(tensor: torch.Tensor, y: int, x: int) -> list[int]:
 def test_preprocess_modes_and_aspect_ratios():
     cfg = tiny_config(pad_color=[10, 20, 30])
     red = Image.new("RGB", (40, 40), (255, 0, 0))
-    rgba = Image.new("RGBA", (40, 40), (0, 0, 0, 0))  # fully transparent -> pad colour
+    rgba = Image.new("RGBA", (40, 40), (0, 0, 0, 0))  # fully transparent -> white, as in training
     rgba.paste((0, 255, 0, 255), (10, 10, 30, 30))  # opaque green centre
     gray = Image.new("L", (40, 40), 128)
     palette = red.convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
@@ -214,7 +214,7 @@ def test_preprocess_modes_and_aspect_ratios():
     assert batch.shape == (6, 3, 32, 32) and batch.dtype == torch.float32
     assert batch.min() >= -1 and batch.max() <= 1
     assert rgb_at(batch[0], 16, 16) == [255, 0, 0]
-    assert rgb_at(batch[1], 1, 1) == [10, 20, 30] and rgb_at(batch[1], 16, 16) == [0, 255, 0]
+    assert rgb_at(batch[1], 1, 1) == [255, 255, 255] and rgb_at(batch[1], 16, 16) == [0, 255, 0]
     assert rgb_at(batch[2], 5, 5) == [128, 128, 128]
     assert rgb_at(batch[3], 5, 5) == [255, 0, 0]
     assert rgb_at(batch[4], 16, 2) == [255, 0, 0] and rgb_at(batch[4], 16, 29) == [255, 0, 0]  # crop kept centre
@@ -226,6 +226,43 @@ def test_preprocess_modes_and_aspect_ratios():
     assert rgb_at(padded, 16, 16) == [255, 0, 0] and rgb_at(padded, 16, 1) == [0, 0, 255]
     with pytest.raises(ValueError, match="list"):
         preprocess_images(red, cfg)
+
+
+def _half_transparent(mode: str) -> Image.Image:
+    """A 24x24 image of ``mode`` whose left half is transparent (a gradient of alpha where the mode has one)."""
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (24, 24, 4), dtype=np.uint8)
+    rgba[:, :12, 3] = 0
+    image = Image.fromarray(rgba, "RGBA")
+    if mode == "RGBA":
+        return image
+    if mode == "LA":
+        return image.convert("LA")
+    if mode == "P":  # palette with a transparent index
+        p = image.convert("RGB").quantize(8)
+        p.paste(7, (0, 0, 12, 24))
+        p.info["transparency"] = 7
+        return p
+    raise AssertionError(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+@pytest.mark.parametrize("pad_color", [[0, 0, 0], [10, 200, 30]])
+def test_prompt_images_get_the_training_colour_conversion(mode: str, pad_color: list[int]) -> None:
+    """A transparent prompt image is what the training readers make of the same file: composited on white, not on
+    the bundle's pad_color (issue 14: black for shapes-64 at inference, white in training)."""
+    import io
+
+    from chameleon_lite.data.decoding import decode_image
+
+    image = _half_transparent(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    trained, _ = decode_image(buffer.getvalue())  # what a shard reader hands to training
+    cfg = tiny_config(pad_color=pad_color)
+    prompt = preprocess_images([image], cfg)
+    assert torch.equal(prompt, preprocess_images([trained], cfg))
+    assert rgb_at(prompt[0], 16, 2) == [255, 255, 255]  # a fully transparent pixel is white
 
 
 def test_to_pil_round_trips_through_preprocess():

@@ -6,7 +6,8 @@ reasons; the readers in :mod:`chameleon_lite.data.readers` catch, count and log 
 
 - **Images:** decoded with PIL and returned as RGB. Repairs: CMYK/greyscale/palette/other modes convert to
   RGB; 16-bit greyscale (``I;16``) is scaled by 1/257 (PIL's own ``convert`` would clip it to 255);
-  anything with alpha (RGBA, LA, PA, palette or RGB/L with a transparency key) is **composited on white**;
+  anything with alpha (RGBA, LA, PA, palette or RGB/L with a transparency key) is **composited on white**
+  (``image_preprocessing.to_rgb``, the same conversion prompt images get at inference);
   an EXIF orientation tag is applied. Limits (``ImageLimits``) are checked on the header before any pixel
   is decoded: more than ``max_pixels`` pixels is rejected (``image_too_large``; this is the decompression-bomb
   guard, and PIL's global ``MAX_IMAGE_PIXELS`` warning is silenced because this limit is the one that
@@ -25,8 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from chameleon_lite.image_preprocessing import MAX_ASPECT_RATIO
+from chameleon_lite.image_preprocessing import to_rgb as _to_rgb  # the conversion prompts get too
 
 SKIP_REASONS: dict[str, str] = {
     "missing_image": "no image member (pair/QA), or a segment names an image member that is absent",
@@ -71,7 +74,7 @@ class ImageLimits:
     """
 
     max_pixels: int = 2**25
-    max_aspect_ratio: float = 20.0
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
@@ -102,25 +105,6 @@ def _png_header_has_zero_side(data: bytes) -> bool:
         return False
     width, height = struct.unpack(">II", data[16:24])
     return width == 0 or height == 0
-
-
-def _to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
-    """Convert any PIL mode to RGB; returns (image, repair reason or None)."""
-    mode = image.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        values = np.asarray(image).astype(np.float64)  # (H, W)
-        if mode.startswith("I;16") or (values.size and values.max() > 255):
-            values = values / 257.0  # 0..65535 -> 0..255
-        grey = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
-        return grey.convert("RGB"), "high_bit_depth_to_rgb"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB"), "alpha_on_white"
-    if mode == "RGB":
-        return image, None
-    reason = {"CMYK": "cmyk_to_rgb", "L": "grey_to_rgb", "1": "grey_to_rgb", "P": "palette_to_rgb"}
-    return image.convert("RGB"), reason.get(mode, "other_mode_to_rgb")
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> tuple[Image.Image, list[str]]:
