@@ -23,7 +23,7 @@ from chameleon_lite.generation import (
 )
 from chameleon_lite.image_preprocessing import preprocess_images
 from chameleon_lite.image_tokenizer import ImageTokenizerConfig
-from chameleon_lite.sampling import SamplingParams
+from chameleon_lite.sampling import SamplingParams, check_generation_args
 
 __all__ = ["build_baseline_prompt", "generate", "stream"]
 
@@ -51,7 +51,12 @@ def _prepare(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, st
     if max_new_tokens is None:
         max_new_tokens = DEFAULT_MAX_NEW_TEXT_TOKENS
     sampling = SamplingParams(temperature, top_k, top_p)
+    # the native arm's argument check (sampling.check_generation_args), before the vision encoder runs
+    seed, stop_ids, _ = check_generation_args(model.bundle.vocab, sampling=sampling, seed=seed, stop_ids=stop_ids,
+                                              max_new_tokens=max_new_tokens)
     batch, single = _normalise_prompts(prompts)
+    for i, p in enumerate(batch):  # every prompt (its images included) is checked before any image is encoded
+        check_segments(p, "prompt" if single else f"prompts[{i}]")
     built = [build_baseline_prompt(p, model, where="prompt" if single else f"prompts[{i}]")
              for i, p in enumerate(batch)]
     prep = ImageTokenizerConfig(image_size=model.config.vit.image_size)
@@ -85,6 +90,8 @@ def generate(
 
     Returns ``[text]`` for one prompt, or one ``[text]`` list per prompt for a batch (the same shape as the native
     ``generate``). ``mode`` exists for API symmetry and must be ``"text"``: the baseline cannot write images.
+    Arguments and prompt images get the native arm's checks (``sampling.check_generation_args``,
+    ``generation.check_segments``): TypeError / ValueError naming the argument, before anything runs.
     """
     if mode != "text":
         raise ValueError(f"mode={mode!r}: the encoder-projector baseline only generates text (mode='text')")

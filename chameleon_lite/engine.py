@@ -39,7 +39,13 @@ import torch
 
 from chameleon_lite.fast_decode import FastDecodeStep, IntraOpThreads, decode_threads
 from chameleon_lite.model import Decoder
-from chameleon_lite.sampling import MODES, ModalityConstraint, SamplingParams, apply_processors
+from chameleon_lite.sampling import (
+    MODES,
+    ModalityConstraint,
+    SamplingParams,
+    apply_processors,
+    check_generation_args,
+)
 from chameleon_lite.static_decode import CUDAGraphDecodeStep, StaticDecodeStep
 from chameleon_lite.vocab import Vocab
 
@@ -143,11 +149,11 @@ def iter_generate_ids(
                          f"{decoder.embed_tokens.weight.device}")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
+    seed, stop, cfg_scale = check_generation_args(vocab, sampling=sampling, seed=seed, stop_ids=stop_ids,
+                                                  cfg_scale=cfg_scale)
     sampling = sampling if sampling is not None else SamplingParams()
-    if not isinstance(cfg_scale, (int, float)) or not cfg_scale >= 1:
-        raise ValueError(f"cfg_scale={cfg_scale!r} must be >= 1 (1 = no guidance)")
     prompts = _check_prompt_ids(prompts, vocab, "prompts")
-    stop = {int(s) for s in stop_ids} | {vocab.eos}
+    stop = set(stop) | {vocab.eos}
     constraint = ModalityConstraint(vocab, grid, mode, use_eol)
     for i, prompt in enumerate(prompts):
         in_image, count = constraint.scan(prompt)
@@ -257,7 +263,7 @@ def _decode_steps(decoder, vocab, constraint, prompts, all_prompts, max_new_toke
     batch = _left_pad(all_prompts, vocab.pad, device)
     longest = batch.ids.shape[1]
     cache = decoder.new_cache(R, longest + max_new_tokens, device=device)
-    generator = torch.Generator(device=device).manual_seed(int(seed))
+    generator = torch.Generator(device=device).manual_seed(seed)
     constraint.reset(prompts, device)
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
     pad = torch.tensor(vocab.pad, device=device)
@@ -377,8 +383,10 @@ def generate_ids(
             i.e. with ``<boi>``; exactly ``h*w`` codes then ``<eoi>``, then the row stops) or ``"interleaved"``.
         max_new_tokens: new tokens per row at most.
         sampling: text and image temperature / top-k / top-p (default: plain sampling at temperature 1).
-        seed: seeds the ``torch.Generator`` of this call (same seed, same inputs -> same output).
-        stop_ids: ids that end a row when emitted outside an image (``<eos>`` always does).
+        seed: seeds the ``torch.Generator`` of this call (same seed, same inputs -> same output); an int in
+            ``[0, 2**64 - 1]``.
+        stop_ids: ids that end a row when emitted outside an image (``<eos>`` always does); ints inside the
+            vocabulary.
         cfg_scale: classifier-free guidance weight (``>= 1``; mode ``"image"`` only).
         uncond_prompts: the unconditional stream's prompts (default ``<bos> <boi>`` each); passing them turns the
             guided path on even at ``cfg_scale == 1``.
@@ -396,8 +404,10 @@ def generate_ids(
             decoder's own forward for a module it does not support, the others refuse one.
 
     Raises:
-        ValueError: a bad parameter (named), an empty or out-of-vocabulary prompt, or a prompt + budget longer
-            than ``max_seq_len``. Everything is checked before any forward runs.
+        ValueError: a bad parameter (named; :func:`~chameleon_lite.sampling.check_generation_args`), an empty or
+            out-of-vocabulary prompt, or a prompt + budget longer than ``max_seq_len``. TypeError: a parameter of
+            the wrong type (a float seed, a bool temperature, a string stop id). Everything is checked before any
+            forward runs.
     """
     steps = iter_generate_ids(decoder, vocab, grid, prompts, mode=mode, max_new_tokens=max_new_tokens,
                               sampling=sampling, seed=seed, stop_ids=stop_ids, cfg_scale=cfg_scale,

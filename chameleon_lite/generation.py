@@ -52,6 +52,7 @@ from PIL import Image
 
 from chameleon_lite.engine import DEFAULT_MAX_NEW_TEXT_TOKENS, generate_ids, iter_generate_ids
 from chameleon_lite.image_code_cache import ImageCodeCache
+from chameleon_lite.image_preprocessing import check_image
 from chameleon_lite.sampling import (
     MODES,
     LogitsProcessor,
@@ -61,6 +62,7 @@ from chameleon_lite.sampling import (
     TopK,
     TopP,
     apply_processors,
+    check_generation_args,
 )
 from chameleon_lite.vocab import Vocab
 
@@ -101,10 +103,16 @@ def _normalise_prompts(prompts: Any) -> tuple[list[list[Segment]], bool]:
 
 
 def check_segments(segments: Sequence[Segment], where: str = "prompt") -> list[Segment]:
-    """The prompt's segments without blank strings; ValueError for a segment of another type or an empty prompt."""
+    """The prompt's segments without blank strings (both arms build prompts from these).
+
+    ValueError for a segment of another type, an empty prompt, or an image with a side of 0 pixels or an aspect
+    ratio the training readers skip (:func:`~chameleon_lite.image_preprocessing.check_image`), naming the segment.
+    """
     for j, seg in enumerate(segments):
         if not isinstance(seg, (str, Image.Image)):
             raise ValueError(f"{where} segment {j} must be a str or a PIL.Image, got {type(seg).__name__}")
+        if isinstance(seg, Image.Image):
+            check_image(seg, f"{where} segment {j} (an image)")
     segments = [s for s in segments if not (isinstance(s, str) and not s.strip())]
     if not segments:
         raise ValueError(f"{where} is empty (no text and no image)")
@@ -190,16 +198,17 @@ def _prepare(model, prompts, mode, max_new_tokens, temperature, top_k, top_p, im
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
     sampling = SamplingParams(temperature, top_k, top_p, image_temperature, image_top_k, image_top_p)
-    if not isinstance(cfg_scale, (int, float)) or not cfg_scale >= 1:
-        raise ValueError(f"cfg_scale={cfg_scale!r} must be >= 1 (1 = no guidance)")
-    if cfg_scale != 1 and mode != "image":
-        raise ValueError(f"cfg_scale={cfg_scale} needs mode='image' (guidance applies to image generation)")
     bundle = model.bundle
     if max_new_tokens is None:
         max_new_tokens = bundle.image_tokens - 1 if mode == "image" else DEFAULT_MAX_NEW_TEXT_TOKENS
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
+    # the shared check (both arms, and the engine again): before any prompt image is encoded
+    seed, stop_ids, cfg_scale = check_generation_args(bundle.vocab, sampling=sampling, seed=seed, stop_ids=stop_ids,
+                                                      cfg_scale=cfg_scale, max_new_tokens=max_new_tokens)
+    if cfg_scale != 1 and mode != "image":
+        raise ValueError(f"cfg_scale={cfg_scale} needs mode='image' (guidance applies to image generation)")
     batch, single = _normalise_prompts(prompts)
+    for i, p in enumerate(batch):  # every prompt is checked before any image of any prompt is encoded
+        check_segments(p, "prompt" if single else f"prompts[{i}]")
     cache = code_cache if code_cache is not None else getattr(model, "image_code_cache", None)
     ids = [build_prompt_ids(p, mode, bundle, cache, where=f"prompts[{i}]" if not single else "prompt")
            for i, p in enumerate(batch)]  # all prompts are built (and so validated) before anything runs
@@ -239,12 +248,17 @@ def generate(
         temperature, top_k, top_p: text sampling (default greedy).
         image_temperature, image_top_k, image_top_p: image-code sampling (default temperature 1).
         cfg_scale: classifier-free guidance for ``mode="image"`` (``>= 1``).
-        seed: seed of this call's generator.
-        stop_ids: extra ids that end a text (``<eos>`` always does).
+        seed: seed of this call's generator (an int in ``[0, 2**64 - 1]``).
+        stop_ids: extra ids that end a text (``<eos>`` always does); ints inside the vocabulary.
         decode_step: ``"auto"`` / ``"fast"`` / ``"static"`` / ``"cuda_graph"`` (see :func:`generate_ids`).
 
     Returns:
         For one prompt its output segments (``str`` and ``PIL.Image``); for a batch one such list per prompt.
+
+    Raises:
+        ValueError / TypeError naming the argument (``sampling.check_generation_args``: finite numbers, no bools,
+        an integer seed in range, integer stop ids inside the vocabulary; prompt images with both sides >= 1 and
+        an aspect ratio of at most 20). Everything is checked before anything runs.
     """
     steps, ids, single = _prepare(model, prompts, mode, max_new_tokens, temperature, top_k, top_p,
                                   image_temperature, image_top_k, image_top_p, cfg_scale, seed, stop_ids, code_cache,
