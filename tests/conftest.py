@@ -1,3 +1,4 @@
+import os
 import random
 
 import pytest
@@ -12,6 +13,19 @@ CORPUS = [
     "what colour is the triangle? orange",
     "the blue square moves to the right of the red circle",
 ] * 20
+
+
+@pytest.fixture(scope="session", autouse=True)
+def package_cache_dir(tmp_path_factory):
+    """The package's data caches (``chameleon_lite.data.cache``) go to a temporary directory, never ~/.cache."""
+    path = tmp_path_factory.mktemp("chameleon_lite_cache")
+    old = os.environ.get("CHAMELEON_LITE_CACHE")
+    os.environ["CHAMELEON_LITE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("CHAMELEON_LITE_CACHE", None)
+    else:
+        os.environ["CHAMELEON_LITE_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

@@ -216,17 +216,24 @@ def test_three_stages_train_freeze_and_export(bundle, world, tmp_path):
 def test_sample_loader_cache_gives_the_same_samples(bundle, world, tmp_path):
     import shutil
 
+    shards = tmp_path / "shards"
+    shards.mkdir()
     for shard in (world / "val").glob("*.tar"):
-        shutil.copy(shard, tmp_path / shard.name)
-    first, report = load_image_text_samples(str(tmp_path / "*.tar"), bundle, progress=False)
+        shutil.copy(shard, shards / shard.name)
+    before = sorted(shards.rglob("*"))
+    cache_dir = tmp_path / "cache"
+    first, report = load_image_text_samples(str(shards / "*.tar"), bundle, progress=False, cache_dir=cache_dir)
     assert report.samples["qa"] > 0 and report.images < len(first)  # QA samples share their scene's image
-    assert list((tmp_path / ".cache").glob("baseline-*.npz"))
-    second, report2 = load_image_text_samples(str(tmp_path / "*.tar"), bundle, progress=False)
+    assert sorted(shards.rglob("*")) == before  # nothing is written beside the shards (issue 14)
+    assert len(list(cache_dir.glob("baseline-*.npz"))) == 1
+    second, report2 = load_image_text_samples(str(shards / "*.tar"), bundle, progress=False, cache_dir=cache_dir)
     assert report2 == report and torch.equal(first.images, second.images)
     assert (first.image_index == second.image_index).all() and first.target == second.target
     assert first.meta == second.meta and first.keys == second.keys
-    third, _ = load_image_text_samples(str(tmp_path / "*.tar"), bundle, tasks=["caption"], progress=False)
+    third, _ = load_image_text_samples(str(shards / "*.tar"), bundle, tasks=["caption"], progress=False,
+                                       cache_dir=cache_dir)
     assert len(third) == report.samples["caption"]  # another task selection is another cache entry
+    assert len(list(cache_dir.glob("baseline-*.npz"))) == 2
 
 
 def test_stage_initialisation_names_a_mismatched_field(bundle, tmp_path):

@@ -392,6 +392,10 @@ def test_shards_from_another_bundle_are_refused(tmp_path, bundle_dir, text_token
     (qa("short-image", [0, 1, 2], [50], [60]), "'short-image'.*3 codes"),
     (doc("bad-text", {"text": [70, 5000]}), "'bad-text'.*text id 5000"),
     (pair("float-code", [0, 1, 2.5, 2], CAPTION), "'float-code'.*integers"),
+    (pair("eos-in-caption", IMAGE, [40, 2, 41]), r"pairs-\d+\.tar: sample 'eos-in-caption': text id 2 is <eos>"),
+    (qa("bos-in-answer", IMAGE, [50], [1]), r"qa-\d+\.tar: sample 'bos-in-answer': text id 1 is <bos>"),
+    (qa("pad-in-question", IMAGE, [50, 3], [60]), r"qa-\d+\.tar: sample 'pad-in-question': text id 3 is <pad>"),
+    (doc("pad-in-doc", {"text": [70, 3]}, {"image": IMAGE}), r"docs-\d+\.tar: sample 'pad-in-doc': text id 3 is <pad>"),
 ])
 def test_bad_samples_are_named(tmp_path, bundle_dir, sample, match):
     good = [pair(f"ok{i}", IMAGE, CAPTION) for i in range(3)]
@@ -414,14 +418,49 @@ def test_cache_and_fast_tar_reader_agree(token_dirs, bundle_dir, tmp_path):
     for shard in sorted(token_dirs[1].glob("*.tar")):
         assert list(_json_members(str(shard))) == list(_json_members_tarfile(str(shard)))
     d = write_tokens(tmp_path / "c", random_samples(3), bundle_dir)
-    parsed = load_token_documents(d, bundle, cache=True)
-    assert len(list((d / ".cache").glob("*.npz"))) == 1
-    cached = load_token_documents(d, bundle, cache=True)
+    cache_dir = tmp_path / "cache"
+    parsed = load_token_documents(d, bundle, cache=True, cache_dir=cache_dir)
+    assert len(list(cache_dir.glob("documents-*.npz"))) == 1
+    cached = load_token_documents(d, bundle, cache=True, cache_dir=cache_dir)
     for name in ("ids", "loss", "doc_start", "doc_len", "sample_kind", "sample_key", "sample_formats"):
         assert np.array_equal(getattr(parsed, name), getattr(cached, name)), name
     write_tokens(d, random_samples(4), bundle_dir)  # new shards: the stale cache is not used, and replaced
-    assert len(load_token_documents(d, bundle, cache=True)) == 4 * 5
-    assert len(list((d / ".cache").glob("*.npz"))) == 1
+    assert len(load_token_documents(d, bundle, cache=True, cache_dir=cache_dir)) == 4 * 5
+    assert len(list(cache_dir.glob("documents-*.npz"))) == 1
+
+
+def test_the_document_cache_writes_only_in_its_own_directory(token_dirs, bundle_dir, tmp_path):
+    """Issue 14: the cache went beside the shards (TOKEN_DIR/.cache) and replacing it deleted every other
+    documents-*.npz there. Now the token directory is left as it was, and a replace touches only this package's
+    earlier cache of the same token directory."""
+    bundle = load_bundle(bundle_dir, load_image_tokenizer=False)
+    d = write_tokens(tmp_path / "tokens", random_samples(3), bundle_dir)
+    (d / ".cache").mkdir()
+    theirs = [d / ".cache" / "documents-0123456789abcdef.npz", d / ".cache" / "notes.txt"]
+    for path in theirs:
+        path.write_bytes(b"a user's file")
+    before = {p: p.stat().st_mtime_ns for p in d.rglob("*")}
+    cache_dir = tmp_path / "cache"
+    load_token_documents(d, bundle, cache_dir=cache_dir)
+    assert {p: p.stat().st_mtime_ns for p in d.rglob("*")} == before  # nothing written, nothing removed
+    assert (cache_dir / "CACHEDIR.TAG").is_file()
+    other = write_tokens(tmp_path / "other", random_samples(2, seed=3), bundle_dir)
+    load_token_documents(other, bundle, cache_dir=cache_dir)  # another token directory: its own entry
+    assert len(list(cache_dir.glob("documents-*.npz"))) == 2
+    stranger = cache_dir / "documents-ffffffffffff-0123456789abcdef.npz.keep"
+    stranger.write_bytes(b"x")
+    write_tokens(d, random_samples(4), bundle_dir)  # d's shards change: only d's earlier cache is replaced
+    assert len(load_token_documents(d, bundle, cache_dir=cache_dir)) == 4 * 5
+    assert len(list(cache_dir.glob("documents-*.npz"))) == 2 and stranger.is_file()
+    assert all(p.read_bytes() == b"a user's file" for p in theirs)
+    # a caller's own directory that already held files is used but never pruned
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    load_token_documents(d, bundle, cache_dir=mine)
+    write_tokens(d, random_samples(5), bundle_dir)
+    load_token_documents(d, bundle, cache_dir=mine)
+    assert len(list(mine.glob("documents-*.npz"))) == 2 and not (mine / "CACHEDIR.TAG").exists()
 
 
 # ------------------------------------------------------------------------------------------------ Lightning

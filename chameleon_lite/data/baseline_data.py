@@ -20,9 +20,10 @@ Notable design choices:
 
 - **Everything in memory, decoded once, cached.** The shapes world is small (64x64 RGB: 12 KB an image);
   identical images (a scene's QA samples share its picture) are stored once, found by hashing their pixels.
-  The result is cached beside the shards (``.cache/baseline-<hash>.{npy,json}``, keyed by the shard names,
-  sizes and mtimes, the image size, tasks, sample limit and the bundle's text layout); no pickle is involved.
-  An unwritable shard directory just means no cache.
+  The result is cached in the package's cache directory (:mod:`chameleon_lite.data.cache`; never beside the
+  shards) as ``baseline-<source>-<hash>.{npz,json}``, keyed by the shard paths, sizes and mtimes, the image size,
+  tasks, sample limit and the bundle's text layout; no pickle is involved. An unwritable cache directory just
+  means no cache. Entries are never pruned (several task selections of one shard set coexist).
 - **Nothing dropped silently.** Unreadable samples are skipped by the shard readers and counted
   (``LoadReport.skipped``); the report is logged.
 - **Contrastive batches** (encoder pretraining) carry captions only: ``text_ids`` (B, L) padded with the pad id,
@@ -44,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chameleon_lite.bundle import TokenizerBundle
+from chameleon_lite.data import cache as data_cache
 from chameleon_lite.data.pretokenize import shards_by_kind
 from chameleon_lite.data.readers import pair_dataset, qa_dataset
 from chameleon_lite.data.token_documents import QA_PER_IMAGE_MAX
@@ -113,7 +115,7 @@ def _pixels(image, prep: ImageTokenizerConfig) -> np.ndarray:
 
 
 def _cache_files(shards: list[str], bundle: TokenizerBundle, image_size: int, tasks: Sequence[str],
-                 max_samples: int | None) -> tuple[Path, Path] | None:
+                 max_samples: int | None, cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path] | None:
     stats = []
     for shard in shards:
         if "://" in shard:
@@ -123,8 +125,14 @@ def _cache_files(shards: list[str], bundle: TokenizerBundle, image_size: int, ta
     key = json.dumps({"v": CACHE_VERSION, "shards": stats, "size": image_size, "tasks": list(tasks),
                       "max": max_samples, "bundle": bundle.name, "vocab": bundle.vocab.to_dict()}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    directory = Path(shards[0]).parent / ".cache"
-    return directory / f"baseline-{digest}.npz", directory / f"baseline-{digest}.json"
+    try:
+        directory = data_cache.owned_cache_dir(cache_dir)
+    except OSError as err:
+        logger.warning("no baseline data cache (cannot create the cache directory): %s", err)
+        return None
+    source = data_cache.source_key(*sorted(path for path, _, _ in stats))
+    return (data_cache.cache_file(directory, "baseline", source, digest, ".npz"),
+            data_cache.cache_file(directory, "baseline", source, digest, ".json"))
 
 
 def _load_cache(files: tuple[Path, Path] | None) -> tuple[ImageTextSamples, LoadReport] | None:
@@ -146,11 +154,12 @@ def _save_cache(files: tuple[Path, Path] | None, samples: ImageTextSamples, repo
     if files is None:
         return
     try:
-        files[0].parent.mkdir(exist_ok=True)
-        tmp = files[0].with_suffix(".tmp.npz")
+        tmp = files[0].with_name(f".{files[0].stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, images=samples.images.numpy(), image_index=samples.image_index, task=samples.task)
         text = {name: getattr(samples, name) for name in _TEXT_FIELDS} | {"report": asdict(report)}
-        files[1].write_text(json.dumps(text), encoding="utf-8")
+        tmp_json = files[1].with_name(f".{files[1].stem}.{os.getpid()}.tmp.json")
+        tmp_json.write_text(json.dumps(text), encoding="utf-8")
+        tmp_json.replace(files[1])
         tmp.replace(files[0])  # the npz last: it marks the cache complete
     except OSError as err:
         logger.warning("could not write the baseline data cache in %s: %s", files[0].parent, err)
@@ -168,6 +177,7 @@ def load_image_text_samples(
     tasks: Sequence[str] = TASKS,
     max_samples: int | None = None,
     progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[ImageTextSamples, LoadReport]:
     """Read pair (``caption``) and QA (``qa``) shards into memory, text tokenized with the bundle.
 
@@ -179,6 +189,8 @@ def load_image_text_samples(
         tasks: which tasks to read.
         max_samples: per task, keep at most this many (the first ones, in shard order).
         progress: show a progress bar.
+        cache_dir: where the decoded samples are cached (default ``data.cache.default_cache_dir()``); nothing is
+            written beside the shards.
 
     Raises:
         ValueError: an unknown task, or no sample at all.
@@ -190,7 +202,7 @@ def load_image_text_samples(
     prep = ImageTokenizerConfig(image_size=image_size)
     groups = shards_by_kind(list(shards) if not isinstance(shards, str) else shards)
     read = [s for kind, ss in groups.items() if _KIND_TASK.get(kind) in tasks for s in ss]
-    cache = _cache_files(read, bundle, image_size, tasks, max_samples) if read else None
+    cache = _cache_files(read, bundle, image_size, tasks, max_samples, cache_dir) if read else None
     cached = _load_cache(cache)
     if cached is not None:
         logger.info("baseline data from %r: %s samples, %d distinct images (cached in %s)", shards,

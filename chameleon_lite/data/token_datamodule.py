@@ -408,7 +408,7 @@ class TokenDataModule(L.LightningDataModule):
         seed: seed of document choice, formats, order and packing (data epoch e uses (seed, e)).
         max_documents: use at most this many training samples (a seeded subset, the same every epoch).
         val_max_documents: use at most this many validation samples (a seeded subset).
-        cache: cache parsed shards in ``TOKEN_DIR/.cache`` (see ``load_token_documents``).
+        cache: cache parsed shards in the package's cache directory (``data.cache``; see ``load_token_documents``).
     """
 
     def __init__(
