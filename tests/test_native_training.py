@@ -103,10 +103,24 @@ def test_resume_is_exact(tokens, tmp_path):
 
 @pytest.mark.skipif(not BUNDLE.is_dir(), reason="needs the shipped tokenizer bundle")
 def test_ddp_two_processes_on_cpu(tokens, tmp_path):
+    """Two ranks of batch 4 see the rows one process of batch 8 sees, each row once: the first logged loss (the
+    same initial weights, before any update, reduced over the ranks) equals the single process's. A rank that read
+    the other's rows, or the same rows twice, would log the loss of another set of rows."""
+    from chameleon_lite import ChameleonLite
+    from chameleon_lite.lightning_cli import run_lightning_cli
+
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "chameleon_lite.cli", "fit", "--config", str(TINY_RECIPE),
            *_overrides(tokens, run, 3), "--trainer.devices=2", "--trainer.strategy=ddp"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (run / "model" / "model.safetensors").is_file()
+    single = tmp_path / "single"
+    run_lightning_cli(["fit", "--config", str(TINY_RECIPE), *_overrides(tokens, single, 1),
+                       "--data.init_args.batch_size=8"])
+    ddp_losses, single_losses = _losses(run), _losses(single)
+    assert sorted(ddp_losses) == [0, 1, 2], ddp_losses  # one logged (all-rank) loss per optimizer step
+    assert ddp_losses[0] == pytest.approx(single_losses[0], rel=1e-5, abs=1e-6), (ddp_losses, single_losses)
+    model = ChameleonLite.from_pretrained(run / "model")  # the export is rank 0's trained weights
+    initial = ChameleonLite.from_pretrained(single / "model")  # one step from the same start
+    assert not torch.equal(model.decoder.embed_tokens.weight, initial.decoder.embed_tokens.weight)
