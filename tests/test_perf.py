@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from chameleon_lite import perf
 from chameleon_lite.attention import positions_from_document_ids
@@ -95,10 +97,58 @@ def test_measured_copy_bandwidth_counts_read_and_write(monkeypatch) -> None:
     assert perf.measured_copy_bandwidth("cpu", nbytes=1000, repeats=4, warmup=0) == pytest.approx(2 * 1000 * 4 / 0.5)
 
 
-def test_measured_rates_on_cpu_are_plausible() -> None:
-    flops = perf.measured_matmul_flops("cpu", torch.float32, n=64, repeats=3, warmup=1)
-    bandwidth = perf.measured_copy_bandwidth("cpu", nbytes=1 << 20, repeats=3, warmup=1)
-    assert 1e6 < flops < 1e14 and 1e6 < bandwidth < 1e13
+class _RecordingClock:
+    """The real perf_counter, remembering what it returned."""
+
+    def __init__(self) -> None:
+        self.readings: list[float] = []
+        self._clock = time.perf_counter
+
+    def __call__(self) -> float:
+        self.readings.append(self._clock())
+        return self.readings[-1]
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the matmuls' FLOPs (``2 n^3`` each, by hand) and the bytes copied, as they really run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mm_flops = 0
+        self.copied_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out):
+            (m, k), (_, n) = args[0].shape, args[1].shape
+            self.mm_flops += 2 * m * k * n
+        if func is torch.ops.aten.copy_.default:
+            self.copied_bytes += args[1].numel() * args[1].element_size()
+        return func(*args, **kwargs)
+
+
+def test_measured_rates_on_cpu_are_the_work_done_over_the_time_taken(monkeypatch) -> None:
+    """Real runs on the CPU: the reported rate is exactly the hand-counted work of the timed repeats (2 n^3 FLOPs
+    per n x n matmul; 2 * nbytes per copy) over the measured interval, and the warmup runs are not counted."""
+    n, repeats, warmup = 64, 3, 2
+    clock = _RecordingClock()
+    monkeypatch.setattr(perf.time, "perf_counter", clock)
+    with _CountOps() as ops:
+        flops = perf.measured_matmul_flops("cpu", torch.float32, n=n, repeats=repeats, warmup=warmup)
+    start, end = clock.readings
+    assert ops.mm_flops == 2 * n**3 * (repeats + warmup)  # every matmul ran, warmup included
+    assert flops == pytest.approx(2 * n**3 * repeats / (end - start), rel=1e-12)
+    clock.readings.clear()
+    nbytes = 1 << 16
+    with _CountOps() as ops:
+        bandwidth = perf.measured_copy_bandwidth("cpu", nbytes=nbytes, repeats=repeats, warmup=warmup)
+    start, end = clock.readings
+    assert ops.copied_bytes == nbytes * (repeats + warmup)  # each copy reads nbytes and writes nbytes
+    assert bandwidth == pytest.approx(2 * nbytes * repeats / (end - start), rel=1e-12)
+    with pytest.raises(ValueError, match="n="):
+        perf.measured_matmul_flops("cpu", torch.float32, n=0)
+    with pytest.raises(ValueError, match="repeats"):
+        perf.time_repeats(lambda: None, "cpu", repeats=0)
     with pytest.raises(ValueError, match="n="):
         perf.measured_matmul_flops("cpu", torch.float32, n=0)
     with pytest.raises(ValueError, match="repeats"):
