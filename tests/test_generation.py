@@ -426,15 +426,23 @@ def test_cli_generate_writes_text_and_images(tmp_path, capsys) -> None:
     torch.manual_seed(0)
     decoder = Decoder(DecoderConfig(vocab_size=bundle.vocab.size, d_model=32, n_layers=1, n_heads=2, max_seq_len=160))
     export_model_dir(decoder, bundle, tmp_path / "model")
+    from chameleon_lite import ChameleonLite
+
     render = Image.new("RGB", (64, 64), "white")
+    render.paste((255, 0, 0), (20, 20, 44, 44))
     render.save(tmp_path / "scene.png")
+    model = ChameleonLite.from_pretrained(tmp_path / "model")
     assert main(["generate", "--model", str(tmp_path / "model"), "--mode", "image", "--prompt", "a red circle",
-                 "--cfg-scale", "2", "--out", str(tmp_path / "out")]) == 0
+                 "--cfg-scale", "2", "--seed", "5", "--out", str(tmp_path / "out")]) == 0
     (png,) = (tmp_path / "out").glob("*.png")
-    assert Image.open(png).size == (64, 64)
-    assert main(["generate", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "scene.png"),
-                 "--prompt", "How many objects are there?", "--max-new-tokens", "5"]) == 0
-    assert "[image" not in capsys.readouterr().out.splitlines()[-1]  # text mode prints text, never an image
+    (expected_image,) = model.generate("a red circle", mode="image", cfg_scale=2.0, seed=5)
+    assert Image.open(png).tobytes() == expected_image.tobytes()  # the PNG is the model's image, pixel for pixel
+    assert capsys.readouterr().out.splitlines() == [f"[image: {png}]"]
+    args = ["--prompt", "How many objects are there?", "--max-new-tokens", "8", "--temperature", "1.5", "--seed", "3"]
+    assert main(["generate", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "scene.png"), *args]) == 0
+    expected = model.generate([render, "How many objects are there?"], max_new_tokens=8, temperature=1.5, seed=3)
+    assert expected and all(isinstance(s, str) for s in expected)  # text mode writes text, never an image
+    assert capsys.readouterr().out.splitlines() == expected  # the printed text is the model's, for these arguments
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(SystemExit, match="bad.png"):
         main(["generate", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "bad.png")])
