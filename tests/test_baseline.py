@@ -104,6 +104,19 @@ def test_qa_per_image_rows_chain_the_questions_about_one_image(bundle, world):
     assert batch["input_ids"][0, : len(row)].tolist() == row
     assert batch["input_ids"][0][batch["loss_mask"][0]].tolist() == samples.target[a] + samples.target[b]
     assert batch["task"].tolist() == [1, 1]
+    # what the model makes of a chained row: its first question is predicted exactly as in the single-question row
+    # (same prefix, causal), its second with the first question and answer in context (not as when asked alone)
+    model = _tiny_model(bundle).eval()
+    three = vlm_batch(samples, [groups[0], a, b], v)
+    assert torch.equal(three["images"][0], three["images"][1])  # one copy of the group's image
+    with torch.no_grad():
+        logits, targets = model(three["images"], three["input_ids"], three["loss_mask"])  # (3, T, V), (3, T)
+    at = targets != IGNORE_INDEX  # (3, T) the predicted positions
+    n_a = len(samples.target[a])
+    chained = logits[0][at[0]]  # (n_a + n_b, V)
+    assert targets[0][at[0]].tolist() == samples.target[a] + samples.target[b]
+    torch.testing.assert_close(chained[:n_a], logits[1][at[1]], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(chained[n_a:], logits[2][at[2]], atol=1e-3)
     with pytest.raises(ValueError, match="share their image"):
         vlm_batch(samples, [[groups[0][0], groups[1][0]]], v)
     dm = BaselineDataModule(str(world / "val" / "*.tar"), None, tokenizer=str(BUNDLE), tasks=["caption", "qa"],
@@ -158,6 +171,25 @@ def _drop(losses: dict[int, float], k: int = 3) -> float:
     return sum(losses[s] for s in steps[:k]) / k - sum(losses[s] for s in steps[-k:]) / k
 
 
+def _fixed_batch_loss(model: BaselineVLM, batch: dict) -> float:
+    """Mean next-token cross-entropy of ``model`` on one batch (eval mode, no gradient)."""
+    with torch.no_grad():
+        logits, targets = model.eval()(batch["images"], batch["input_ids"], batch["loss_mask"])  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                                 ignore_index=IGNORE_INDEX)
+    return float(loss)
+
+
+def _with_fresh_projector(model: BaselineVLM, seed: int) -> BaselineVLM:
+    """A copy of ``model`` whose projector is initialised anew (seeded); encoder and decoder unchanged."""
+    torch.manual_seed(seed)
+    fresh = BaselineVLM(model.config, model.vocab)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("projector.")}
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("projector.") for k in missing)
+    return fresh
+
+
 def test_three_stages_train_freeze_and_export(bundle, world, tmp_path):
     """Encoder pretraining, stage 1 and stage 2 each lower their loss; stage 1 trains the projector only."""
     from chameleon_lite.lit_baseline import BaselineVLMModule, load_vision_encoder
@@ -170,8 +202,15 @@ def test_three_stages_train_freeze_and_export(bundle, world, tmp_path):
     s1 = _fit(CONFIGS / "stage1_tiny.yaml", tmp_path / "s1", world, 25,
               [*TINY_VIT, *TINY_DECODER, "--model.init_args.lr=1e-2",
                f"--model.init_args.encoder_init={tmp_path / 'enc' / 'out'}"])
-    assert _drop(s1) > 0.04, s1  # a frozen random decoder leaves the projector little to align to (see docs)
     stage1 = BaselineVLM.from_pretrained(tmp_path / "s1" / "out")
+    # the logged loss drops only a little (a frozen random decoder leaves the projector little to align to, see
+    # docs), so measure on fixed training rows: the trained projector beats every freshly initialised one
+    train, _ = load_image_text_samples(str(world / "train" / "pairs-*.tar"), bundle, progress=False)
+    rows = vlm_batch(train, list(range(32)), bundle.vocab)
+    trained_loss = _fixed_batch_loss(stage1, rows)
+    fresh_losses = [_fixed_batch_loss(_with_fresh_projector(stage1, seed), rows) for seed in range(4)]
+    # measured: trained 7.45, fresh 7.55 .. 7.61 (their spread 0.06; the logged drop was about 0.04)
+    assert trained_loss < min(fresh_losses) - 0.05, (trained_loss, fresh_losses, s1)
     for name, tensor in encoder.state_dict().items():  # frozen encoder: exported exactly as pretrained
         assert torch.equal(stage1.encoder.state_dict()[name], tensor), name
 
