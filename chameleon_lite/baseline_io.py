@@ -5,21 +5,20 @@
     config.yaml          kind: baseline, the tokenizer bundle name, vit / projector / decoder configs
     model.safetensors    encoder.*, projector.*, decoder.* (a tied output head stored once)
     tokenizer/           a copy of the tokenizer bundle
+    manifest.json        the files written here (not needed to load)
 
-Written atomically (temporary directory renamed into place); read with validation that names the file at fault.
-Nothing is unpickled.
+Written like the native arm's (``safe_io.write_dir``: never over files it did not write, each file renamed into
+place whole); read with validation that names the file at fault, ``config.yaml`` as plain data (never
+interpolated). Nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -31,11 +30,10 @@ from chameleon_lite.pretrained import (
     TOKENIZER_DIR,
     WEIGHTS_FILE,
     _as_bundle,
-    _replaceable,
-    _swap_into_place,
     check_model_dir,
 )
 from chameleon_lite.projectors import ProjectorConfig
+from chameleon_lite.safe_io import check_writable_dir, load_structured_yaml, save_structured_yaml, write_dir
 from chameleon_lite.vision_encoder import ViTConfig
 
 __all__ = ["BaselineDirConfig", "write_baseline_dir", "load_baseline_dir", "baseline_state_dict"]
@@ -72,27 +70,24 @@ def baseline_state_dict(model: BaselineVLM) -> dict[str, torch.Tensor]:
 def write_baseline_dir(
     model: BaselineVLM, bundle: TokenizerBundle | str | Path, out_dir: str | Path, *, trained_steps: int | None = None
 ) -> Path:
-    """Write ``model`` with its tokenizer bundle to ``out_dir`` (atomically replaced if it is a model directory)."""
+    """Write ``model`` with its tokenizer bundle to ``out_dir``: absent, empty or written before (its
+    ``manifest.json`` files are replaced, other files stay); any other directory raises ``FileExistsError``."""
     out_dir = Path(out_dir)
     bundle, readme = _as_bundle(bundle)
     if model.config.decoder.vocab_size != bundle.vocab.size:
         raise ValueError(f"decoder vocab_size={model.config.decoder.vocab_size} but bundle {bundle.name!r} has "
                          f"{bundle.vocab.size} ids")
-    if out_dir.exists() and not _replaceable(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not a model directory; refusing to overwrite it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        c = model.config
-        config = BaselineDirConfig(tokenizer=bundle.name, vit=c.vit, projector=c.projector, decoder=c.decoder,
-                                   trained_steps=trained_steps)
-        OmegaConf.save(OmegaConf.structured(config), tmp / CONFIG_FILE)
+    check_writable_dir(out_dir)  # refuse early, before anything is built
+    c = model.config
+    config = BaselineDirConfig(tokenizer=bundle.name, vit=c.vit, projector=c.projector, decoder=c.decoder,
+                               trained_steps=trained_steps)
+
+    def build(tmp: Path) -> None:
+        save_structured_yaml(config, tmp / CONFIG_FILE)
         save_file(baseline_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "kind": KIND})
         save_bundle(bundle, tmp / TOKENIZER_DIR, readme=readme)
-        _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir(out_dir, build, kind=KIND)
     return out_dir
 
 
@@ -101,11 +96,7 @@ def load_baseline_config(file: str | Path) -> BaselineDirConfig:
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"model config not found: {file}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(BaselineDirConfig), OmegaConf.load(file))
-        config = OmegaConf.to_object(merged)
-    except (OmegaConfBaseException, ValueError) as err:
-        raise ValueError(f"{file} is malformed: {err}") from err
+    config = load_structured_yaml(file, BaselineDirConfig)  # plain data: never interpolated
     if config.kind != KIND:
         raise ValueError(f"{file}: kind={config.kind!r}; this loader reads {KIND!r} model directories")
     if config.format_version != FORMAT_VERSION:

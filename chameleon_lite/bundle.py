@@ -7,19 +7,25 @@ A bundle directory (``tokenizers/<name>/``) holds::
     image_tokenizer.safetensors     VQ weights (once an image tokenizer is trained)
     README.md                       how it was made and its measured quality
 
+    manifest.json                   the files ``save_bundle`` wrote (``chameleon_lite.safe_io``; optional on load)
+
 ``tokenizer.yaml`` is validated against OmegaConf structured dataclasses: wrong types and unknown keys fail on
-load with the file named. Weights are safetensors only; nothing here unpickles anything.
+load with the file named. It is read as plain data: a ``${...}`` interpolation is refused, never resolved
+(``safe_io.load_plain_yaml``). Weights are safetensors only; nothing here unpickles anything. ``save_bundle``
+writes through ``safe_io.write_dir``: it replaces only files it wrote before and refuses a non-empty directory
+it did not write (bundles shipped before manifests existed still load, but are not written over).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
 from chameleon_lite.image_tokenizer import WEIGHTS_NAME, ImageTokenizerConfig, VQImageTokenizer
+from chameleon_lite.safe_io import load_structured_yaml, save_structured_yaml, write_dir
 from chameleon_lite.text_tokenizer import TextTokenizer
 from chameleon_lite.vocab import CONTROL_TOKENS, Vocab
 
@@ -94,21 +100,45 @@ class TokenizerBundle:
         )
 
 
-def save_bundle(bundle: TokenizerBundle, path: str | Path, readme: str | None = None) -> Path:
-    """Write ``bundle`` to the directory ``path`` (created if needed) and return it."""
+def save_bundle(
+    bundle: TokenizerBundle,
+    path: str | Path,
+    readme: str | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
+) -> Path:
+    """Write ``bundle`` to the directory ``path`` and return it.
+
+    Args:
+        bundle: the bundle to write.
+        path: an absent or empty directory, or one an earlier ``save_bundle`` wrote (its ``manifest.json``
+            files are replaced, other files are left alone); any other non-empty directory raises
+            ``FileExistsError``.
+        readme: text of ``README.md`` (None: keep the README written before, else a generated one).
+        extra_files: more files to write with the bundle, name -> text or bytes (e.g. measured quality).
+
+    A string holding ``${`` (an interpolation) is refused with ``ValueError``; nothing is written then.
+    """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(bundle.config()), path / CONFIG_FILE)
-    bundle.text.save(path / TEXT_FILE)
-    if bundle.image_tokenizer is not None:
-        bundle.image_tokenizer.save_weights(path / IMAGE_WEIGHTS_FILE)
-    elif (path / IMAGE_WEIGHTS_FILE).exists():
-        (path / IMAGE_WEIGHTS_FILE).unlink()  # stale weights of an earlier bundle in the same directory
-    if readme is None and not (path / README_FILE).exists():
-        readme = _default_readme(bundle)
-    if readme is not None:
-        (path / README_FILE).write_text(readme, encoding="utf-8")
-    return path
+    if readme is None and (path / README_FILE).is_file():
+        readme = (path / README_FILE).read_text(encoding="utf-8")  # kept (replaced only if ours: write_dir)
+
+    def build(out: Path) -> None:
+        save_structured_yaml(bundle.config(), out / CONFIG_FILE)
+        bundle.text.save(out / TEXT_FILE)
+        if bundle.image_tokenizer is not None:
+            bundle.image_tokenizer.save_weights(out / IMAGE_WEIGHTS_FILE)
+        (out / README_FILE).write_text(readme if readme is not None else _default_readme(bundle), encoding="utf-8")
+        for name, content in (extra_files or {}).items():
+            target = out / name
+            if target.exists() or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(f"extra file {name!r} is not a new plain name inside the bundle directory")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content, encoding="utf-8")
+
+    return write_dir(path, build, kind="tokenizer_bundle")
 
 
 def load_bundle(path: str | Path, *, load_image_tokenizer: bool = True) -> TokenizerBundle:
@@ -151,21 +181,11 @@ def load_bundle(path: str | Path, *, load_image_tokenizer: bool = True) -> Token
 
 
 def load_bundle_config(file: str | Path) -> BundleConfig:
-    """Parse ``tokenizer.yaml`` against :class:`BundleConfig` (typed, unknown keys rejected)."""
+    """Parse ``tokenizer.yaml`` against :class:`BundleConfig` (typed, unknown keys rejected, never interpolated)."""
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"bundle config not found: {file}")
-    try:
-        loaded = OmegaConf.load(file)
-        if not OmegaConf.is_dict(loaded):
-            raise ValueError("top level must be a mapping")
-        merged = OmegaConf.merge(OmegaConf.structured(BundleConfig), loaded)
-        OmegaConf.to_container(merged, throw_on_missing=True)
-    except (OmegaConfBaseException, ValueError) as err:
-        raise ValueError(f"{file} is malformed: {err}") from err
-    except Exception as err:  # yaml.YAMLError and friends
-        raise ValueError(f"{file} is not valid YAML: {err}") from err
-    return OmegaConf.to_object(merged)
+    return load_structured_yaml(file, BundleConfig)
 
 
 def _check_image_tokenizer(model: VQImageTokenizer, vocab: Vocab, grid: tuple[int, int], file: Path) -> None:

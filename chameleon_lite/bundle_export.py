@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ from chameleon_lite.bundle import TokenizerBundle, save_bundle
 from chameleon_lite.data.pretokenize import shards_by_kind
 from chameleon_lite.data.readers import interleaved_dataset, pair_dataset, qa_dataset
 from chameleon_lite.eval.tokenizer_eval import evaluate_image_tokenizer, format_report, reconstruction_grid
+from chameleon_lite.safe_io import check_writable_dir
 from chameleon_lite.text_tokenizer import TextTokenizer
 from chameleon_lite.vocab import Vocab
 
@@ -82,6 +84,7 @@ class ExportTokenizerBundle(L.Callback):
         self._start = time.perf_counter()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_writable_dir(self.out_dir)  # save_bundle would refuse it at the end: refuse before training
         self._start = time.perf_counter()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -101,11 +104,15 @@ class ExportTokenizerBundle(L.Callback):
                 world_config = load_world_spec(self.world).world
             images = (s["image"] for s in islice(pair_dataset(self.eval_shards, require_text=False), self.eval_images))
             quality.update(evaluate_image_tokenizer(model, images, world=world_config, total=self.eval_images))
-        save_bundle(bundle, self.out_dir, readme=bundle_readme(bundle, quality, command=_command_line()))
+        extra: dict[str, str | bytes] = {QUALITY_FILE: json.dumps(quality, indent=2) + "\n"}
         if self.eval_shards:
             first = [s["image"] for s in islice(pair_dataset(self.eval_shards, require_text=False), 12)]
-            reconstruction_grid(model, first, world=world_config).save(self.out_dir / GRID_FILE)
-        (self.out_dir / QUALITY_FILE).write_text(json.dumps(quality, indent=2) + "\n")
+            png = io.BytesIO()
+            reconstruction_grid(model, first, world=world_config).save(png, format="PNG")
+            extra[GRID_FILE] = png.getvalue()
+        # one write_dir: the bundle, its grid and quality are listed in manifest.json (files it did not write stay)
+        save_bundle(bundle, self.out_dir, readme=bundle_readme(bundle, quality, command=_command_line()),
+                    extra_files=extra)
         print(f"tokenizer bundle written to {self.out_dir}\n{format_report(quality)}")
 
 

@@ -34,7 +34,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -50,8 +49,9 @@ from chameleon_lite.contrastive import (
 )
 from chameleon_lite.lit_native import decoder_param_groups
 from chameleon_lite.model import IGNORE_INDEX, DecoderConfig, next_token_loss
-from chameleon_lite.pretrained import load_decoder, load_model_config, resolve_bundle_path
+from chameleon_lite.pretrained import load_decoder, load_model_config, model_dir_kind, resolve_bundle_path
 from chameleon_lite.projectors import ProjectorConfig
+from chameleon_lite.safe_io import check_writable_dir, load_structured_yaml, save_structured_yaml, write_dir
 from chameleon_lite.schedules import warmup_cosine
 from chameleon_lite.vision_encoder import VisionEncoder, ViTConfig
 
@@ -103,8 +103,7 @@ def load_vision_encoder(directory: str | Path, expected: ViTConfig | None = None
     for name in (ENCODER_CONFIG, ENCODER_WEIGHTS):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"vision encoder directory {directory} has no {name}")
-    merged = OmegaConf.merge(OmegaConf.structured(ViTConfig), OmegaConf.load(directory / ENCODER_CONFIG))
-    config = OmegaConf.to_object(merged)
+    config = load_structured_yaml(directory / ENCODER_CONFIG, ViTConfig)  # plain data: never interpolated
     if expected is not None:
         _check_same(expected, config, f"{directory / ENCODER_CONFIG}")
     encoder = VisionEncoder(config)
@@ -187,21 +186,30 @@ class ContrastiveEncoderModule(L.LightningModule):
 
 
 class ExportVisionEncoder(L.Callback):
-    """Write the trained ViT (``config.yaml`` + ``model.safetensors``) to ``out_dir`` when ``fit`` ends."""
+    """Write the trained ViT (``config.yaml`` + ``model.safetensors``) to ``out_dir`` when ``fit`` ends.
+
+    ``out_dir`` must be absent, empty or written before (``safe_io.write_dir``: files it did not write stay).
+    """
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_writable_dir(self.out_dir)  # refused before training, not after
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, ContrastiveEncoderModule):
             raise ValueError(f"ExportVisionEncoder exports a ContrastiveEncoderModule, got {type(pl_module).__name__}")
         if not trainer.is_global_zero:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         vision = pl_module.model.vision
         state = {k: v.detach().cpu().contiguous() for k, v in vision.state_dict().items()}
-        save_file(state, str(self.out_dir / ENCODER_WEIGHTS), metadata={"format": "pt", "kind": "vision_encoder"})
-        OmegaConf.save(OmegaConf.structured(pl_module.vit_config), self.out_dir / ENCODER_CONFIG)
+
+        def build(tmp: Path) -> None:
+            save_file(state, str(tmp / ENCODER_WEIGHTS), metadata={"format": "pt", "kind": "vision_encoder"})
+            save_structured_yaml(pl_module.vit_config, tmp / ENCODER_CONFIG)
+
+        write_dir(self.out_dir, build, kind="vision_encoder")
         rank_zero_info(f"vision encoder written to {self.out_dir}")
 
 
@@ -291,8 +299,7 @@ class BaselineVLMModule(L.LightningModule):
         if decoder_init:
             path = Path(decoder_init)
             cfg_file = path / "config.yaml"
-            kind = OmegaConf.load(cfg_file).get("kind") if cfg_file.is_file() else None
-            if kind == "baseline":
+            if model_dir_kind(path) == "baseline":
                 found = load_baseline_config(cfg_file).decoder
                 state = {k[len("decoder."):]: v for k, v in load_file(str(path / "model.safetensors")).items()
                          if k.startswith("decoder.")}
@@ -358,11 +365,17 @@ class BaselineVLMModule(L.LightningModule):
 
 
 class ExportBaselineDir(L.Callback):
-    """Write the baseline model directory (``BaselineVLM.from_pretrained``) when ``fit`` ends."""
+    """Write the baseline model directory (``BaselineVLM.from_pretrained``) when ``fit`` ends.
+
+    ``out_dir`` must be absent, empty or written before (``safe_io.write_dir``); checked when fit starts.
+    """
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
         self.written: Path | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_writable_dir(self.out_dir)  # refused before training, not after
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, BaselineVLMModule):

@@ -55,6 +55,7 @@ from chameleon_lite.bundle import load_bundle
 from chameleon_lite.model import IGNORE_INDEX, Decoder, DecoderConfig, next_token_loss
 from chameleon_lite.perf import resolve_peak_flops
 from chameleon_lite.pretrained import resolve_bundle_path, write_model_dir
+from chameleon_lite.safe_io import check_writable_dir
 from chameleon_lite.schedules import warmup_cosine
 
 BATCH_KEYS: dict[str, str] = {  # key -> expected dtype kind
@@ -495,13 +496,21 @@ class ExportModelDir(L.Callback):
         out_dir: where to write it; None: ``<trainer.default_root_dir>/model``.
         tokenizer: bundle directory to copy; None: the module's ``tokenizer``.
 
-    The state dict is gathered on every process (a collective under FSDP) and written by rank 0 only.
+    The state dict is gathered on every process (a collective under FSDP) and written by rank 0 only. ``out_dir``
+    must be absent, empty or a directory written before (``safe_io.write_dir``); that is checked when fit starts,
+    so a run does not train only to be refused at the end.
     """
 
     def __init__(self, out_dir: str | None = None, tokenizer: str | None = None) -> None:
         self.out_dir = out_dir
         self.tokenizer = tokenizer
         self.written: Path | None = None
+
+    def _target(self, trainer: L.Trainer) -> Path:
+        return Path(self.out_dir) if self.out_dir else Path(trainer.default_root_dir) / "model"
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_writable_dir(self._target(trainer))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not isinstance(pl_module, NativeLMModule):
@@ -515,7 +524,7 @@ class ExportModelDir(L.Callback):
                 if key.startswith(prefix):
                     decoder_state[key[len(prefix) :]] = value
                     break
-        out_dir = Path(self.out_dir) if self.out_dir else Path(trainer.default_root_dir) / "model"
+        out_dir = self._target(trainer)
         bundle = resolve_bundle_path(self.tokenizer) if self.tokenizer else pl_module.tokenizer_path
         self.written = write_model_dir(decoder_state, pl_module.config, bundle, out_dir,
                                        trained_steps=trainer.global_step)

@@ -5,9 +5,14 @@ A model directory holds::
     config.yaml          format version, kind, tokenizer bundle name, the DecoderConfig (schema: ModelDirConfig)
     model.safetensors    decoder weights only (tied output head stored once, as ``embed_tokens.weight``)
     tokenizer/           a copy of the tokenizer bundle (``save_bundle``)
+    manifest.json        the files written here (``chameleon_lite.safe_io``; not needed to load)
 
-Writing is atomic: everything goes into a temporary directory beside ``out_dir`` that is renamed into place, so
-a reader never sees a half-written model. Reading validates everything and names the file at fault: missing
+Writing never deletes what it did not write (``safe_io.write_dir``): everything goes into a temporary directory
+beside ``out_dir``; a new or empty ``out_dir`` is replaced by it whole, one written before (it has
+``manifest.json``) gets each listed file replaced by an atomic rename while other files stay, and any other
+non-empty directory is refused. ``config.yaml`` is read as plain data, never interpolated.
+
+Reading validates everything and names the file at fault: missing
 files, unknown or mistyped config keys, weights whose names or shapes disagree with ``config.yaml``, a
 vocabulary size that disagrees with the bundle. Nothing here unpickles anything (Lightning checkpoints are read
 with ``torch.load(weights_only=True)``) and nothing imports Lightning, so ``ChameleonLite.from_pretrained`` works
@@ -19,22 +24,26 @@ from __future__ import annotations
 
 import logging
 import pickle
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from chameleon_lite.bundle import TokenizerBundle, load_bundle, save_bundle
 from chameleon_lite.model import Decoder, DecoderConfig
+from chameleon_lite.safe_io import (
+    check_writable_dir,
+    load_plain_yaml,
+    load_structured_yaml,
+    save_structured_yaml,
+    write_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +76,36 @@ class ModelDirConfig:
 
 # ---------------------------------------------------------------------------------------------- config
 def load_model_config(file: str | Path) -> ModelDirConfig:
-    """Parse and validate ``config.yaml`` (typed; unknown keys, wrong types and bad values raise naming the file)."""
+    """Parse and validate ``config.yaml`` (typed; unknown keys, wrong types and bad values raise naming the file).
+
+    Read as plain data (``safe_io.load_structured_yaml``): a ``${...}`` interpolation is refused, not resolved.
+    """
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"model config not found: {file}")
-    try:
-        loaded = OmegaConf.load(file)
-        if not OmegaConf.is_dict(loaded):
-            raise ValueError("top level must be a mapping")
-        merged = OmegaConf.merge(OmegaConf.structured(ModelDirConfig), loaded)
-        config = OmegaConf.to_object(merged)  # runs DecoderConfig.__post_init__ (value checks, derived fields)
-    except (OmegaConfBaseException, ValueError) as err:
-        raise ValueError(f"{file} is malformed: {err}") from err
-    except Exception as err:  # yaml.YAMLError and friends
-        raise ValueError(f"{file} is not valid YAML: {err}") from err
+    config = load_structured_yaml(file, ModelDirConfig)  # runs DecoderConfig.__post_init__ (checks, derived fields)
     if config.format_version != FORMAT_VERSION:
         raise ValueError(f"{file}: format_version {config.format_version} is not supported (only {FORMAT_VERSION})")
     if config.kind != KIND:
         raise ValueError(f"{file}: kind={config.kind!r}; this loader reads {KIND!r} model directories")
     return config
+
+
+def model_dir_kind(path: str | Path) -> str | None:
+    """The ``kind`` a model directory's ``config.yaml`` declares (``"native"``, ``"baseline"``), None without one.
+
+    Raises ``ValueError`` naming the file when it is not valid YAML, not a mapping, or interpolates.
+    """
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        return None
+    data = load_plain_yaml(file)
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} is malformed: the top level must be a mapping, got {type(data).__name__}")
+    kind = data.get("kind", KIND)
+    if not isinstance(kind, str):
+        raise ValueError(f"{file} is malformed: kind={kind!r} is not a string")
+    return kind
 
 
 def resolve_bundle_path(path: str | Path) -> Path:
@@ -178,8 +198,9 @@ def write_model_dir(
 ) -> Path:
     """Write a model directory from decoder weights ``state`` (names as in ``Decoder.state_dict()``).
 
-    ``bundle`` is a ``TokenizerBundle`` or a bundle directory. ``out_dir`` is replaced atomically if it already
-    holds a model directory (or is empty); any other existing path raises ``FileExistsError``.
+    ``bundle`` is a ``TokenizerBundle`` or a bundle directory. ``out_dir`` may be absent or empty, or a directory
+    written before (its ``manifest.json`` files are replaced, other files stay); any other existing path raises
+    ``FileExistsError`` before anything is written (``safe_io.write_dir``).
     """
     out_dir = Path(out_dir)
     bundle, readme = _as_bundle(bundle)
@@ -191,20 +212,15 @@ def write_model_dir(
     if config.tie_embeddings:
         state.pop(_TIED_HEAD_KEY, None)
     check_state_dict(state, config, "the exported state dict")
-    if out_dir.exists() and not _replaceable(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not a model directory; refusing to overwrite it")
+    check_writable_dir(out_dir)  # refuse early, before anything is built
+    dir_config = ModelDirConfig(tokenizer=bundle.name, decoder=config, trained_steps=trained_steps)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        dir_config = ModelDirConfig(tokenizer=bundle.name, decoder=config, trained_steps=trained_steps)
-        OmegaConf.save(OmegaConf.structured(dir_config), tmp / CONFIG_FILE)
+    def build(tmp: Path) -> None:
+        save_structured_yaml(dir_config, tmp / CONFIG_FILE)
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "kind": KIND})
         save_bundle(bundle, tmp / TOKENIZER_DIR, readme=readme)
-        _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir(out_dir, build, kind=KIND)
     log.info("model directory written to %s", out_dir)
     return out_dir
 
@@ -221,7 +237,7 @@ def export_model_dir(
     Args:
         module_or_decoder: the trained decoder, or a module with a ``decoder`` attribute.
         bundle: the tokenizer bundle the decoder was trained with (object or directory).
-        out_dir: the model directory to write (atomically replaced if it is one already).
+        out_dir: the model directory to write (absent, empty, or written before; see ``write_model_dir``).
         trained_steps: recorded in ``config.yaml`` (default: the module's ``global_step`` when it has a trainer).
     """
     decoder = module_or_decoder
@@ -285,27 +301,6 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
-def _replaceable(path: Path) -> bool:
-    return path.is_dir() and ((path / CONFIG_FILE).is_file() or not any(path.iterdir()))
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first and removed afterwards."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        old.rmdir()
-        out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)
-    except BaseException:
-        if old is not None:
-            old.rename(out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------- loading
 class ChameleonLite(nn.Module):
     """A trained native model: the decoder plus the tokenizer bundle it reads and writes.
@@ -353,7 +348,7 @@ class ChameleonLite(nn.Module):
         return model.eval()
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write this model as a model directory (atomic; see ``write_model_dir``)."""
+        """Write this model as a model directory (never over files it did not write; see ``write_model_dir``)."""
         return export_model_dir(self.decoder, self.bundle, out_dir, trained_steps=self.config.trained_steps)
 
     @property
@@ -433,6 +428,7 @@ __all__ = [
     "export_model_dir",
     "load_decoder",
     "load_model_config",
+    "model_dir_kind",
     "resolve_bundle_path",
     "write_model_dir",
 ]

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from chameleon_lite.bundle import CONFIG_FILE, TEXT_FILE, TokenizerBundle, load_bundle, save_bundle
+from chameleon_lite.safe_io import read_manifest
 from chameleon_lite.vocab import Vocab
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +19,9 @@ def bundle(text_tokenizer):
 
 def test_round_trip(tmp_path, bundle):
     save_bundle(bundle, tmp_path / "b")
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(["README.md", CONFIG_FILE, TEXT_FILE])
+    files = ["README.md", CONFIG_FILE, TEXT_FILE]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted([*files, "manifest.json"])
+    assert sorted(read_manifest(tmp_path / "b")) == sorted(files)
     loaded = load_bundle(tmp_path / "b")
     assert loaded.vocab == bundle.vocab
     assert loaded.image_grid == (4, 6)
@@ -44,12 +47,14 @@ def test_missing_files_are_named(tmp_path, bundle):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda s: s + "\nunknown_key: 1\n", "unknown_key"),
-        (lambda s: s.replace("name: test", "name: [unclosed"), "tokenizer.yaml"),
-        (lambda s: s.replace("codebook_size: 64", "codebook_size: lots"), "codebook_size"),
-        (lambda s: s.replace("image_offset:", "image_offset: 1\n  x_image_offset:"), "tokenizer.yaml"),
-        (lambda s: "- a\n- list", "mapping"),
-        (lambda s: "just a string", "just a string"),
+        (lambda s: s + "\nunknown_key: 1\n", r"tokenizer\.yaml is malformed: Key 'unknown_key' not in 'BundleConfig'"),
+        (lambda s: s.replace("name: test", "name: [unclosed"),
+         r"tokenizer\.yaml is not valid YAML: while parsing a flow sequence"),
+        (lambda s: s.replace("codebook_size: 64", "codebook_size: lots"), r"(?s)'lots'.*vocab\.codebook_size"),
+        (lambda s: s.replace("image_offset:", "image_offset: 1\n  x_image_offset:"),
+         r"Key 'x_image_offset' not in 'VocabSpec'"),
+        (lambda s: "- a\n- list", r"top level must be a mapping, got list"),
+        (lambda s: "just a string", r"top level must be a mapping, got str 'just a string'"),
     ],
 )
 def test_malformed_config_is_named(tmp_path, bundle, edit, match):

@@ -300,7 +300,7 @@ def test_flops_per_token_hand_computed():
 def test_export_round_trip_gives_identical_logits(tmp_path, vocab):
     module = tiny_module(model=dataclasses.replace(TINY, tie_embeddings=True))
     out = export_model_dir(module, SHIPPED, tmp_path / "model")
-    assert sorted(p.name for p in out.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR]
+    assert sorted(p.name for p in out.iterdir()) == [CONFIG_FILE, "manifest.json", WEIGHTS_FILE, TOKENIZER_DIR]
     loaded = ChameleonLite.from_pretrained(out)
     assert loaded.config.decoder == module.config and loaded.vocab == vocab
     assert loaded.bundle.image_tokenizer is not None
@@ -310,7 +310,7 @@ def test_export_round_trip_gives_identical_logits(tmp_path, vocab):
         expected = module.decoder.eval()(batch["input_ids"], **kwargs)
     assert torch.equal(loaded(batch["input_ids"], **kwargs), expected)
     assert torch.equal(loaded.logits(batch["input_ids"], **kwargs), expected[..., : vocab.size])
-    # re-export replaces the directory atomically, nothing left beside it
+    # re-export replaces the files it wrote (each renamed into place whole), nothing left beside it
     export_model_dir(loaded.decoder, loaded.bundle, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 

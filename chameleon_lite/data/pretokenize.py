@@ -31,6 +31,7 @@ from chameleon_lite.bundle import TokenizerBundle
 from chameleon_lite.data.readers import interleaved_dataset, list_shards, pair_dataset, qa_dataset
 from chameleon_lite.data.shards import write_shards
 from chameleon_lite.image_tokenizer import preprocess_images
+from chameleon_lite.safe_io import load_plain_yaml
 
 RECORD_FILE = "tokens.yaml"
 KINDS = ("pair", "qa", "doc")
@@ -203,7 +204,7 @@ def _check_record(bundle: TokenizerBundle, out: Path) -> None:
     """Refuse to write into a token directory finished with another tokenizer."""
     path = out / RECORD_FILE
     if path.exists():
-        existing = OmegaConf.to_container(OmegaConf.load(path))
+        existing = load_plain_yaml(path)  # never interpolated
         if existing != token_record(bundle):
             raise ValueError(f"{path} was written with another tokenizer ({existing}); use a fresh --out directory")
 

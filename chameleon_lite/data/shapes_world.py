@@ -27,6 +27,7 @@ from chameleon_lite.data.render import render_scene
 from chameleon_lite.data.scenes import Scene, WorldConfig
 from chameleon_lite.data.shards import write_shards
 from chameleon_lite.data.splits import DEFAULT_HELD_OUT, SPLITS, CompositionalSplit
+from chameleon_lite.safe_io import load_structured_yaml
 
 KINDS: tuple[str, ...] = ("pairs", "qa", "docs")
 
@@ -145,5 +146,4 @@ def load_world_spec(path: str | Path) -> ShapesWorldSpec:
         path = path / "world.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"shapes world record not found: {path} (make it with: chameleon-lite data shapes)")
-    merged = OmegaConf.merge(OmegaConf.structured(ShapesWorldSpec), OmegaConf.load(path).spec)
-    return OmegaConf.to_object(merged)
+    return load_structured_yaml(path, ShapesWorldSpec, section="spec")  # plain data: never interpolated
