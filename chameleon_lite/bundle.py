@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omegaconf import MISSING
+from safetensors import SafetensorError
 
 from chameleon_lite.image_tokenizer import WEIGHTS_NAME, ImageTokenizerConfig, VQImageTokenizer
 from chameleon_lite.safe_io import load_structured_yaml, save_structured_yaml, write_dir
@@ -163,6 +164,8 @@ def load_bundle(path: str | Path, *, load_image_tokenizer: bool = True) -> Token
             raise FileNotFoundError(f"{path / CONFIG_FILE} describes an image tokenizer but {weights} is missing")
         try:
             image_tokenizer = VQImageTokenizer.load(weights, config=cfg.image_tokenizer).eval()
+        except (SafetensorError, OSError) as err:  # truncated or not a safetensors file at all
+            raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from err
         except ValueError as err:
             raise ValueError(f"{weights} does not match {path / CONFIG_FILE}: {err}") from err
         _check_image_tokenizer(image_tokenizer, vocab, tuple(cfg.image_grid), path / CONFIG_FILE)

@@ -109,13 +109,14 @@ def _images(args: argparse.Namespace) -> list:
 def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from omegaconf import OmegaConf
-
     from chameleon_lite import ChameleonLite
     from chameleon_lite.baseline import BaselineVLM
+    from chameleon_lite.pretrained import model_dir_kind
 
-    config_file = Path(args.model) / "config.yaml"
-    kind = OmegaConf.load(config_file).get("kind") if config_file.is_file() else None
+    try:
+        kind = model_dir_kind(args.model)  # validated (plain YAML, a mapping) before anything reads it
+    except ValueError as err:
+        raise SystemExit(f"--model {args.model}: {err}") from err
     if kind == "baseline":
         if args.mode != "text":
             raise SystemExit(f"--mode {args.mode}: {args.model} is an encoder-projector baseline (text output only)")

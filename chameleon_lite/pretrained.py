@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,15 +262,7 @@ def export_checkpoint(
     ``tokenizer`` (default: the ``tokenizer`` hyper-parameter, a bundle directory).
     """
     ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{ckpt_path} holds objects that weights_only loading refuses (hyper-parameters must be plain types): "
-            f"{err}"
-        ) from err
+    ckpt = _load_checkpoint(ckpt_path)
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hparams, dict) or not isinstance(hparams.get("model"), dict) or "tokenizer" not in hparams:
         raise ValueError(f"{ckpt_path} is not a NativeLMModule checkpoint (no 'model'/'tokenizer' hyper-parameters)")
@@ -288,6 +282,35 @@ def export_checkpoint(
     bundle = tokenizer if tokenizer is not None else hparams["tokenizer"]
     steps = ckpt.get("global_step")
     return write_model_dir(state, config, bundle, out_dir, trained_steps=int(steps) if steps is not None else None)
+
+
+def _load_checkpoint(ckpt_path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a Lightning checkpoint; ``ValueError`` says what is wrong with the file."""
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+    with open(ckpt_path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"{ckpt_path} is empty, not a Lightning checkpoint")
+    if not zipfile.is_zipfile(ckpt_path):
+        if head == b"PK\x03\x04":
+            raise ValueError(f"{ckpt_path} is a truncated or damaged checkpoint: it starts like the zip archive "
+                             "torch.save writes but its end (the zip directory) is missing")
+        raise ValueError(f"{ckpt_path} is not a Lightning checkpoint: torch.save and Lightning write a zip archive "
+                         f"and this file is not one (it starts with {head!r})")
+    try:
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = re.search(r"WeightsUnpickler error: (.*?)(?:\n\n|$)", str(err), re.S)
+        reason = reason.group(1).strip() if reason else str(err)
+        if "Unsupported global" in reason:
+            raise ValueError(
+                f"{ckpt_path} holds objects that weights_only loading refuses (hyper-parameters must be plain "
+                f"types): {reason}"
+            ) from err
+        raise ValueError(f"{ckpt_path} is a damaged checkpoint (its pickle cannot be read: {reason})") from err
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{ckpt_path} is a damaged checkpoint (torch.load could not read it): {err}") from err
 
 
 def check_model_dir(path: str | Path) -> Path:

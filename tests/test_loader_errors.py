@@ -1,0 +1,128 @@
+"""Issue 14 item 4: every loader error names the file and says what is wrong with it."""
+
+import argparse
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from test_safe_io import SHIPPED, tiny_baseline, tiny_checkpoint, tiny_decoder
+
+from chameleon_lite.baseline_io import load_baseline_dir, write_baseline_dir
+from chameleon_lite.bundle import TokenizerBundle, load_bundle
+from chameleon_lite.cli import main as cli_main
+from chameleon_lite.pretrained import export_checkpoint, export_model_dir
+from chameleon_lite.vocab import Vocab
+
+
+@pytest.fixture
+def bundle(text_tokenizer) -> TokenizerBundle:
+    vocab = Vocab(n_text=text_tokenizer.vocab_size, codebook_size=16)
+    return TokenizerBundle(name="tiny", text=text_tokenizer, vocab=vocab, image_grid=(2, 2))
+
+
+@pytest.fixture
+def shipped_copy(tmp_path) -> Path:
+    out = tmp_path / "bundle"
+    shutil.copytree(SHIPPED, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncate-half", "truncate-8", "empty", "random", "header-only", "huge-header-length"]
+)
+def test_a_damaged_image_tokenizer_file_is_named(shipped_copy, damage):
+    """Issue 14 item 4: a truncated tokenizer/image_tokenizer.safetensors raised a bare SafetensorError."""
+    weights = shipped_copy / "image_tokenizer.safetensors"
+    data = weights.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    damaged = {
+        "truncate-half": data[: len(data) // 2],
+        "truncate-8": data[:8],
+        "empty": b"",
+        "random": os.urandom(4096),
+        "header-only": data[: 8 + header_len],
+        "huge-header-length": (2**40).to_bytes(8, "little") + data[8:100],
+    }[damage]
+    weights.write_bytes(damaged)
+    with pytest.raises(ValueError, match=r"image_tokenizer\.safetensors is not a readable safetensors file"):
+        load_bundle(shipped_copy)
+
+
+GARBAGE_YAML = {
+    "unclosed": ("kind: baseline\nvit: [unclosed\n", "not valid YAML"),
+    "tab-indent": ("kind: baseline\nvit:\n\t- x\n", "not valid YAML"),
+    "binary": (b"\x00\x01\x02\xff\xfe", "not UTF-8|not valid YAML"),
+    "a list": ("- a\n- b\n", "must be a mapping"),
+    "a string": ("just text", "must be a mapping"),
+    "duplicate colon": ("kind: baseline: x\n", "not valid YAML"),
+    "empty": ("", "must be a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", list(GARBAGE_YAML))
+def test_garbage_yaml_in_a_baseline_directory_is_named(tmp_path, bundle, case):
+    content, match = GARBAGE_YAML[case]
+    base = write_baseline_dir(tiny_baseline(bundle), bundle, tmp_path / "baseline")
+    cfg = base / "config.yaml"
+    cfg.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=rf"{cfg}.*({match})"):
+        load_baseline_dir(base)
+
+
+@pytest.mark.parametrize("case", list(GARBAGE_YAML))
+def test_generate_on_a_corrupt_config_names_it(tmp_path, bundle, case, capsys):
+    content, match = GARBAGE_YAML[case]
+    out = export_model_dir(tiny_decoder(bundle), bundle, tmp_path / "model")
+    cfg = out / "config.yaml"
+    cfg.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SystemExit, match=rf"--model {out}: {cfg}.*({match})"):
+        cli_main(["generate", "--model", str(out), "--prompt", "hi", "--max-new-tokens", "1"])
+
+
+def _zip_checkpoint(tmp_path: Path, bundle: TokenizerBundle) -> bytes:
+    return tiny_checkpoint(bundle, tmp_path).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("random", "not a Lightning checkpoint: torch.save and Lightning write a zip archive"),
+        ("text", "not a Lightning checkpoint"),
+        ("empty", "is empty"),
+        ("object", "holds objects that weights_only loading refuses.*Unsupported global"),
+        ("truncated", "truncated or damaged checkpoint"),
+        ("truncated-tail", "truncated or damaged checkpoint"),
+        ("zip-of-other-files", "damaged checkpoint"),
+        ("corrupt-member", "damaged checkpoint"),
+    ],
+)
+def test_export_checkpoint_says_what_is_wrong_with_the_file(tmp_path, bundle, case, match):
+    """Issue 14 item 4: random bytes gave a misleading message, a truncated zip a raw RuntimeError."""
+    good = _zip_checkpoint(tmp_path, bundle)
+    path = tmp_path / "bad.ckpt"
+    if case == "random":
+        path.write_bytes(os.urandom(2048))
+    elif case == "text":
+        path.write_text("model: tiny\n")
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "object":  # a pickled object that is not a tensor or plain container
+        torch.save({"hyper_parameters": argparse.Namespace(model={}), "state_dict": {}}, path)
+    elif case == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif case == "truncated-tail":
+        path.write_bytes(good[:-10])
+    elif case == "zip-of-other-files":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("readme.txt", "hello")
+    else:  # a stored member's bytes flipped: the zip directory is intact, the pickle is not
+        with zipfile.ZipFile(tmp_path / "run.ckpt") as src, zipfile.ZipFile(path, "w") as dst:
+            for info in src.infolist():
+                data = src.read(info)
+                dst.writestr(info, bytes(255 - b for b in data) if info.filename.endswith("data.pkl") else data)
+    with pytest.raises(ValueError, match=rf"{path}.*{match}|{path} {match}"):
+        export_checkpoint(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
