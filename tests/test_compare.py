@@ -75,6 +75,7 @@ def test_compare_on_a_toy_budget_writes_a_complete_report(toy, tmp_path, monkeyp
         assert cost["parameters"]["total"] > 0 and cost["latency"]["ttft_s"] > 0
         summary = metrics["arms"][arm]["summary"]
         assert summary["qa.overall.accuracy"]["n"] == 1 and summary["qa.overall.accuracy"]["std"] == 0.0
+        _check_qa_records_are_the_models_answers(arm, run, toy)
     native, baseline = (metrics["arms"][a]["per_seed"][0] for a in ("native", "baseline"))
     assert native["cost"]["visual_tokens_per_image"] == 66  # <boi> + 8x8 codes + <eoi>
     assert baseline["cost"]["visual_tokens_per_image"] == 64  # MLP projector: one token per 8x8 patch
@@ -89,6 +90,32 @@ def test_compare_on_a_toy_budget_writes_a_complete_report(toy, tmp_path, monkeyp
     for heading in ("Question answering by category", "POPE", "Captioning", "Text -> image", "Cost"):
         assert heading in report
     assert "/12)" in report  # accuracies carry their counts
+
+
+def _check_qa_records_are_the_models_answers(arm: str, run: dict, toy: Path) -> None:
+    """The report's QA numbers are what the trained model answers: its records hold the shard's questions and
+    reference answers in order, the predictions are the exported model's greedy answers (asked again here through
+    the public generate, in the evaluation's batch of 8), and the counts follow from the records."""
+    from chameleon_lite import ChameleonLite
+    from chameleon_lite.baseline import BaselineVLM
+    from chameleon_lite.data.readers import qa_dataset
+    from chameleon_lite.eval.understanding import is_correct
+
+    qa = run["qa"]
+    records = qa["records"]
+    samples = [s for _, s in zip(range(len(records)), qa_dataset(str(toy / "raw" / "test" / "qa-*.tar")))]
+    assert [(r["key"], r["question"], r["answer"]) for r in records] == \
+           [(s["key"], s["question"], s["answer"]) for s in samples]
+    load = ChameleonLite.from_pretrained if arm == "native" else BaselineVLM.from_pretrained
+    model = load(run["model_dir"])
+    outputs = model.generate([[s["image"], s["question"]] for s in samples[:8]], max_new_tokens=12)
+    again = [" ".join(x for x in out if isinstance(x, str)).strip() for out in outputs]
+    assert [r["prediction"] for r in records[:8]] == again, arm
+    assert qa["overall"]["correct"] == sum(is_correct(r["prediction"], r["answer"]) for r in records)
+    for category, counts in qa["by_category"].items():
+        mine = [r for r in records if r["category"] == category]
+        assert counts["total"] == len(mine) and counts["correct"] == sum(is_correct(r["prediction"], r["answer"])
+                                                                          for r in mine), category
 
 
 def test_seed_summary_is_mean_and_std_of_each_number():
