@@ -82,7 +82,16 @@ def test_dict_round_trip_and_checks(vocab):
 
 
 def test_text_never_reaches_control_or_image_ids(text_tokenizer):
+    """The literal names of special tokens are ordinary text: encoded, they round-trip exactly, stay in the text
+    range, and never become the sentencepiece controls that only the document formats place (<bos>, <eos>, <pad>;
+    token-shard validation refuses those inside text) nor a single piece of their own."""
     vocab = Vocab(n_text=text_tokenizer.vocab_size, codebook_size=64)
-    for s in ["<boi>", "<eoi>", "<img_3>", "<reserved_0>", "<sep> <eol>"]:
-        ids = torch.tensor(text_tokenizer.encode(s))
-        assert vocab.is_text(ids).all()
+    placed = {vocab.bos, vocab.eos, vocab.pad}
+    for s in ["<boi>", "<eoi>", "<img_3>", "<reserved_0>", "<sep> <eol>", "<s>", "</s>", "<pad>", "<unk>",
+              "a <s> b </s> c", "é 漢字 \x00 \t"]:
+        ids = text_tokenizer.encode(s)
+        assert text_tokenizer.decode(ids) == s, s
+        assert all(0 <= i < vocab.n_text for i in ids) and vocab.is_text(torch.tensor(ids)).all(), s
+        assert not placed & set(ids), (s, ids)
+        assert len(ids) > 1, (s, ids)  # spelled out, not one special piece
+        assert vocab.boi not in ids and vocab.eoi not in ids and vocab.sep not in ids
