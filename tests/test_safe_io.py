@@ -304,3 +304,15 @@ def test_non_utf8_yaml_is_named(tmp_path):
     file.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ValueError, match=rf"{file} is not UTF-8"):
         load_plain_yaml(file)
+
+
+def test_compare_config_is_not_interpolated(tmp_path, monkeypatch):
+    from chameleon_lite.comparison.config import load_compare_config
+
+    monkeypatch.setenv("CHAMELEON_TEST_SECRET", SECRET)
+    cfg = tmp_path / "compare.yaml"
+    cfg.write_text("name: ${oc.env:CHAMELEON_TEST_SECRET}\ntrain_samples: 10\n")
+    with pytest.raises(ValueError, match=r"compare\.yaml: refusing to read name=") as err:
+        load_compare_config(cfg)
+    assert SECRET not in str(err.value)
+    assert load_compare_config(REPO / "configs" / "compare" / "tiny.yaml").name  # shipped configs still load

@@ -8,6 +8,8 @@ from pathlib import Path
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from chameleon_lite.safe_io import load_plain_yaml
+
 __all__ = ["CompareConfig", "DataSpec", "NativeArm", "BaselineArm", "EvalSpec", "load_compare_config"]
 
 
@@ -82,7 +84,7 @@ def load_compare_config(path: str | Path, overrides: list[str] = ()) -> CompareC
     if not path.is_file():
         raise FileNotFoundError(f"compare config not found: {path}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(CompareConfig), OmegaConf.load(path),
+        merged = OmegaConf.merge(OmegaConf.structured(CompareConfig), OmegaConf.create(load_plain_yaml(path)),
                                  OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except (OmegaConfBaseException, ValueError) as err:
