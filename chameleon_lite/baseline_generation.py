@@ -109,9 +109,13 @@ def _decode_text(ids: Sequence[int], bundle: Any) -> str:
 
 
 def stream(model: Any, prompts: Any, **kwargs: Any) -> Iterator[str | tuple[int, str]]:
-    """Yield text as it is decoded: ``str`` deltas for one prompt, ``(row, delta)`` for a batch."""
-    if kwargs.pop("mode", "text") != "text":
-        raise ValueError("the encoder-projector baseline only generates text (mode='text')")
+    """Yield text as it is decoded: ``str`` deltas for one prompt, ``(row, delta)`` for a batch.
+
+    Arguments are validated when this is called, before the first item is requested (as the native ``stream``).
+    """
+    mode = kwargs.pop("mode", "text")
+    if mode != "text":
+        raise ValueError(f"mode={mode!r}: the encoder-projector baseline only generates text (mode='text')")
     names = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_ids")
     defaults = (None, 0.0, 0, 1.0, 0, ())
     unknown = set(kwargs) - set(names)
@@ -119,6 +123,10 @@ def stream(model: Any, prompts: Any, **kwargs: Any) -> Iterator[str | tuple[int,
         raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
     args = [kwargs.get(k, d) for k, d in zip(names, defaults)]
     steps, n, single = _prepare(model, prompts, *args)
+    return _stream_text(model, steps, n, single)
+
+
+def _stream_text(model: Any, steps: Iterator, n: int, single: bool) -> Iterator[str | tuple[int, str]]:
     ids: list[list[int]] = [[] for _ in range(n)]
     shown = [""] * n
     for tokens, emitted in steps:

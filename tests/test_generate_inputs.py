@@ -116,6 +116,20 @@ def test_bad_generation_arguments_are_refused_naming_them(native, baseline, arm,
         arms(native, baseline)[arm]("a red circle", max_new_tokens=None if extra else 4, **{name: value}, **extra)
 
 
+def test_baseline_stream_checks_its_arguments_when_called(baseline) -> None:
+    """As the native ``stream``: a bad argument raises at the call, not at the first ``next()``."""
+    from chameleon_lite.baseline_generation import stream
+
+    for kwargs, name in [({"seed": 2**70}, "seed"), ({"temperature": math.inf}, "temperature"),
+                         ({"stop_ids": ["x"]}, "stop_ids"), ({"mode": "image"}, "mode")]:
+        with pytest.raises((ValueError, TypeError), match=name):
+            stream(baseline, "a red circle", **kwargs)
+    with pytest.raises(ValueError, match=r"prompt segment 0 \(an image\) is 0x4 pixels"):
+        stream(baseline, [picture((0, 4)), "what is it?"])
+    pieces = stream(baseline, [picture(), "what is it?"], max_new_tokens=6)
+    assert "".join(pieces) == baseline_generate(baseline, [picture(), "what is it?"], max_new_tokens=6)[0]
+
+
 def test_engine_refuses_what_the_high_level_api_refuses(native) -> None:
     prompt = [native.vocab.bos, 5, 6]
     for kwargs, name in [({"seed": 2**64}, "seed"), ({"seed": 0.5}, "seed"), ({"stop_ids": [native.vocab.size]},
