@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
 from chameleon_lite.image_preprocessing import RESAMPLE_FILTERS, RESIZE_MODES, preprocess_images, to_pil
+from chameleon_lite.safe_io import write_dir
 from chameleon_lite.vq_autoencoder import Decoder, Encoder, PatchEncoder
 
 WEIGHTS_NAME = "image_tokenizer.safetensors"
@@ -397,13 +398,19 @@ class VQImageTokenizer(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> dict[str, Any]:
         """Write `image_tokenizer.safetensors` (weights + quantizer buffers, config in the metadata) and
-        `image_tokenizer.yaml` (the config) into `directory`; return the config dict."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.save_weights(directory / WEIGHTS_NAME)
+        `image_tokenizer.yaml` (the config) into `directory`; return the config dict.
+
+        `directory` must be absent, empty or written here before (`safe_io.write_dir`: files it did not write are
+        never replaced or removed; another non-empty directory raises FileExistsError).
+        """
         config_dict = self.config.to_dict()
-        with open(directory / CONFIG_NAME, "w") as f:
-            yaml.safe_dump(config_dict, f, sort_keys=False)
+
+        def build(tmp: Path) -> None:
+            self.save_weights(tmp / WEIGHTS_NAME)
+            with open(tmp / CONFIG_NAME, "w") as f:
+                yaml.safe_dump(config_dict, f, sort_keys=False)
+
+        write_dir(directory, build, kind="image_tokenizer")
         return config_dict
 
     def save_weights(self, path: str | Path) -> None:

@@ -316,3 +316,44 @@ def test_compare_config_is_not_interpolated(tmp_path, monkeypatch):
         load_compare_config(cfg)
     assert SECRET not in str(err.value)
     assert load_compare_config(REPO / "configs" / "compare" / "tiny.yaml").name  # shipped configs still load
+
+
+def test_export_callbacks_refuse_the_target_before_training(tmp_path):
+    """ExportModelDir, ExportBaselineDir, ExportVisionEncoder and ExportTokenizerBundle check their out_dir when fit
+    starts, so a run is not trained only to be refused at the end; the project's files stay."""
+    from types import SimpleNamespace
+
+    from chameleon_lite.bundle_export import ExportTokenizerBundle
+    from chameleon_lite.lit_baseline import ExportBaselineDir, ExportVisionEncoder
+    from chameleon_lite.lit_native import ExportModelDir
+
+    project = tmp_path / "project"
+    project.mkdir()
+    before = project_dir(project)
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path / "run"))
+    callbacks = [ExportModelDir(out_dir=str(project)), ExportBaselineDir(str(project)),
+                 ExportVisionEncoder(str(project)), ExportTokenizerBundle(str(project), text_shards=[])]
+    for callback in callbacks:
+        with pytest.raises(FileExistsError, match=rf"{project} is not empty and has no {MANIFEST_FILE}"):
+            callback.on_fit_start(trainer, None)
+    ExportModelDir().on_fit_start(trainer, None)  # <default_root_dir>/model: absent, fine
+    assert snapshot(project) == before
+
+
+def test_image_tokenizer_save_pretrained_keeps_other_files(tmp_path):
+    from chameleon_lite.image_tokenizer import ImageTokenizerConfig, VQImageTokenizer
+
+    model = VQImageTokenizer(ImageTokenizerConfig(image_size=32, base_channels=8, channel_mult=[1, 1, 2], latent_dim=8,
+                                                  codebook_size=8))
+    project = tmp_path / "project"
+    project.mkdir()
+    before = project_dir(project)
+    with pytest.raises(FileExistsError, match="refusing"):
+        model.save_pretrained(project)
+    assert snapshot(project) == before
+    out = tmp_path / "vq"
+    model.save_pretrained(out)
+    (out / "mine.txt").write_text("keep")
+    model.save_pretrained(out)
+    assert (out / "mine.txt").read_text() == "keep"
+    assert sorted(read_manifest(out)) == ["image_tokenizer.safetensors", "image_tokenizer.yaml"]
