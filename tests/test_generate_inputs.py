@@ -240,8 +240,9 @@ def _named(err: BaseException, names: list[str]) -> bool:
 def test_fuzz_generate_inputs(native, baseline) -> None:
     """Seeded fuzzer over the public ``generate`` arguments and prompt images, both arms.
 
-    Argument trials: one argument set to a random (often odd) value, the rest valid; the call must succeed or raise
-    ValueError/TypeError naming that argument; the values the issue lists as bad must raise. Item trials: a batch of
+    Argument trials: one argument set to a random (often odd) value, the rest valid; the call must raise
+    ValueError/TypeError naming that argument exactly when the documented rules say the value is bad
+    (``_must_fail``), and succeed otherwise. Item trials: a batch of
     three prompts whose middle one is random (images of random size and PIL mode, blank text, bad segments); the
     call must raise naming ``prompts[1]`` exactly when the item is bad, and otherwise the two other rows must come
     out exactly as in a batch whose middle item is a plain one (greedy and seeded sampling).
@@ -261,11 +262,13 @@ def test_fuzz_generate_inputs(native, baseline) -> None:
             kwargs.update(mode="image", max_new_tokens=None)
         if kwargs.get("mode") == "image" and name == "mode":
             kwargs["max_new_tokens"] = None
-        must_fail = _must_fail(name, value, arm, native.vocab.size if arm == "native" else baseline.bundle.vocab.size)
+        vocab_size = native.vocab.size if arm == "native" else baseline.bundle.vocab.size
+        must_fail = _must_fail(name, value, arm, vocab_size, kwargs.get("mode", "text"))
         try:
             out = run[arm]("a red circle", **kwargs)
         except (ValueError, TypeError) as err:
             assert _named(err, [name]), f"{arm} {name}={value!r}: the error does not name it: {err}"
+            assert must_fail, f"{arm} refused the good value {name}={value!r}: {err}"
             outcomes[(arm, "argument", "refused")] += 1
             classes[(f"argument {name}", "refused")] += 1
             continue
@@ -308,17 +311,28 @@ def _comparable(segments: list) -> list:
     return [s.tobytes() if isinstance(s, Image.Image) else s for s in segments]
 
 
-def _must_fail(name: str, value: object, arm: str, vocab_size: int) -> bool:
-    """The values the issue names as bad (and their kin) must be refused, whichever arm."""
+def _must_fail(name: str, value: object, arm: str, vocab_size: int, mode: str = "text") -> bool:
+    """Whether ``name=value`` must be refused (an oracle written from the documented rules, not from the code)."""
     is_bool = isinstance(value, (bool, np.bool_))
     if name in ("temperature", "image_temperature", "top_p", "image_top_p", "cfg_scale"):
         if is_bool or not isinstance(value, (int, float, np.floating, np.integer)):
             return True
-        return not math.isfinite(float(value))
+        x = float(value)
+        if not math.isfinite(x):
+            return True
+        if name.endswith("temperature"):
+            return x < 0
+        if name.endswith("top_p"):
+            return not 0 < x <= 1
+        return not 1 <= x <= 1e6 or (x != 1 and mode != "image")  # guidance is for image generation only
     if name in ("seed", "top_k", "image_top_k", "max_new_tokens"):
         if is_bool or not isinstance(value, (int, np.integer)):
             return True
-        return name == "seed" and not 0 <= int(value) < 2**64
+        if name == "seed":
+            return not 0 <= int(value) < 2**64
+        if name == "max_new_tokens":
+            return not 1 <= int(value) <= 50  # the prompt and the budget must fit max_seq_len=96
+        return int(value) < 0
     if name == "stop_ids":
         if isinstance(value, (str, bytes, int)) or value is None:
             return True
