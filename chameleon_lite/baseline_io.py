@@ -128,11 +128,14 @@ def load_baseline_dir(path: str | Path, device: torch.device | str = "cpu") -> B
     if bundle.name != config.tokenizer:
         raise ValueError(f"{path / CONFIG_FILE} names tokenizer {config.tokenizer!r} but {path / TOKENIZER_DIR} "
                          f"holds bundle {bundle.name!r}")
-    model = BaselineVLM(config.model_config(), bundle.vocab)
+    try:
+        model = BaselineVLM(config.model_config(), bundle.vocab)
+    except ValueError as err:
+        raise ValueError(f"{path / CONFIG_FILE} does not fit the bundle in {path / TOKENIZER_DIR}: {err}") from err
     try:
         state = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {err}") from err
-    load_state_into(model, state, str(path / WEIGHTS_FILE))
+    load_state_into(model, state, f"{path / WEIGHTS_FILE} (checked against {path / CONFIG_FILE})")
     model.bundle = bundle
     return model.to(device).eval()

@@ -79,6 +79,8 @@ class TokenizerBundle:
             raise ValueError(
                 f"vocab.n_text={self.vocab.n_text} but the text tokenizer has {self.text.vocab_size} pieces"
             )
+        if len(self.image_grid) != 2:
+            raise ValueError(f"image_grid must be two positive ints [h, w], got {list(self.image_grid)}")
         h, w = (int(x) for x in self.image_grid)
         if h < 1 or w < 1:
             raise ValueError(f"image_grid must be two positive ints, got {self.image_grid}")
@@ -180,7 +182,7 @@ def load_bundle(path: str | Path, *, load_image_tokenizer: bool = True) -> Token
             notes=cfg.notes,
         )
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
+        raise ValueError(f"{path / CONFIG_FILE}: {err}") from err
 
 
 def load_bundle_config(file: str | Path) -> BundleConfig:

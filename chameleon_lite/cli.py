@@ -106,6 +106,14 @@ def _images(args: argparse.Namespace) -> list:
     return images
 
 
+def _from_pretrained(cls: type, path: str):
+    """``cls.from_pretrained(path)``; a missing or malformed file ends the command with its message."""
+    try:
+        return cls.from_pretrained(path)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"--model {path}: {err}") from err
+
+
 def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -123,12 +131,12 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = [*_images(args), *([args.prompt] if args.prompt else [])]
         if not prompt:
             raise SystemExit("give --prompt and/or --image")
-        model = BaselineVLM.from_pretrained(args.model)
+        model = _from_pretrained(BaselineVLM, args.model)
         for segment in model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed):
             print(segment)
         return 0
-    model = ChameleonLite.from_pretrained(args.model)
+    model = _from_pretrained(ChameleonLite, args.model)
     segments: list = _images(args)
     if args.prompt:
         segments.append(args.prompt)

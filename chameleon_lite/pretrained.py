@@ -292,7 +292,11 @@ def _load_checkpoint(ckpt_path: Path) -> Any:
         head = f.read(4)
     if not head:
         raise ValueError(f"{ckpt_path} is empty, not a Lightning checkpoint")
-    if not zipfile.is_zipfile(ckpt_path):
+    try:
+        is_zip = zipfile.is_zipfile(ckpt_path)
+    except zipfile.BadZipFile:  # is_zipfile catches OSError only; a damaged end record can raise this
+        is_zip = False
+    if not is_zip:
         if head == b"PK\x03\x04":
             raise ValueError(f"{ckpt_path} is a truncated or damaged checkpoint: it starts like the zip archive "
                              "torch.save writes but its end (the zip directory) is missing")
@@ -309,8 +313,10 @@ def _load_checkpoint(ckpt_path: Path) -> Any:
                 f"types): {reason}"
             ) from err
         raise ValueError(f"{ckpt_path} is a damaged checkpoint (its pickle cannot be read: {reason})") from err
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{ckpt_path} is a damaged checkpoint (torch.load could not read it): {err}") from err
+    except Exception as err:  # a corrupt archive or pickle surfaces as RuntimeError, EOFError, UnicodeDecodeError...
+        raise ValueError(
+            f"{ckpt_path} is a damaged checkpoint (torch.load could not read it: {type(err).__name__}: {err})"
+        ) from err
 
 
 def check_model_dir(path: str | Path) -> Path:

@@ -103,16 +103,18 @@ def load_plain_yaml(file: str | Path) -> Any:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{file} is not UTF-8 text: {err}") from err
-    loader = _NoAliasLoader(text)
-    loader.name = str(file)  # marks in syntax errors name the file, not "<unicode string>"
+    loader = None
     try:
+        loader = _NoAliasLoader(text)  # the constructor already rejects unprintable characters
+        loader.name = str(file)  # marks in syntax errors name the file, not "<unicode string>"
         data = loader.get_single_data()
     except yaml.YAMLError as err:
         raise ValueError(f"{file} is not valid YAML: {err}") from err
     except RecursionError as err:
         raise ValueError(f"{file} is nested too deeply to be a config file") from err
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     check_no_interpolation(data, file)
     return data
 

@@ -59,6 +59,8 @@ GARBAGE_YAML = {
     "a string": ("just text", "must be a mapping"),
     "duplicate colon": ("kind: baseline: x\n", "not valid YAML"),
     "empty": ("", "must be a mapping"),
+    "wrong schema": ("kind: baseline\nvit: 3\n", "is malformed"),
+    "unknown key": ("kind: baseline\nvitt: {}\n", "is malformed: Key 'vitt'"),
 }
 
 
@@ -126,3 +128,117 @@ def test_export_checkpoint_says_what_is_wrong_with_the_file(tmp_path, bundle, ca
     with pytest.raises(ValueError, match=rf"{path}.*{match}|{path} {match}"):
         export_checkpoint(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- seeded fuzzing
+def _mutations(text: str, n: int, seed: int) -> list[str]:
+    """``n`` seeded corruptions of a YAML file: truncations, lost/doubled/swapped lines, odd characters, re-indents,
+    interpolations."""
+    import random
+
+    rng = random.Random(seed)
+    specials = list(":[]{}&*!|>'\"%@`#-,?\t\n\\")
+    specials += ["${oc.env:HOME}", "${x}", "*a", "&a", "!!python/tuple", "\x00", "é"]
+    out = []
+    for _ in range(n):
+        lines = text.splitlines(keepends=True)
+        kind = rng.randrange(7)
+        if kind == 0:
+            s = text[: rng.randrange(len(text))]
+        elif kind == 1:
+            del lines[rng.randrange(len(lines))]
+            s = "".join(lines)
+        elif kind == 2:
+            i = rng.randrange(len(lines))
+            lines.insert(i, lines[i])
+            s = "".join(lines)
+        elif kind == 3:
+            i, j = rng.randrange(len(lines)), rng.randrange(len(lines))
+            lines[i], lines[j] = lines[j], lines[i]
+            s = "".join(lines)
+        elif kind == 4:
+            i = rng.randrange(len(text))
+            s = text[:i] + rng.choice(specials) + text[i + 1 :]
+        elif kind == 5:
+            i = rng.randrange(len(lines))
+            lines[i] = " " * rng.choice([1, 3, 4]) + lines[i]
+            s = "".join(lines)
+        else:
+            i = rng.randrange(len(text))
+            s = text[:i] + rng.choice(specials) + text[i:]
+        out.append(s)
+    return out
+
+
+def _fuzz(file: Path, load, n: int, seed: int) -> dict[str, int]:
+    """Every mutation of ``file`` either loads or raises ValueError naming it; returns counts per outcome."""
+    original = file.read_text()
+    outcomes = {"loaded": 0, "ValueError naming the file": 0}
+    for text in _mutations(original, n, seed):
+        file.write_text(text, encoding="utf-8")
+        try:
+            load()
+            outcomes["loaded"] += 1
+        except ValueError as err:
+            assert str(file) in str(err), (text, err)
+            outcomes["ValueError naming the file"] += 1
+    file.write_text(original)
+    return outcomes
+
+
+N_FUZZ = 150
+
+
+def test_mutated_config_files_load_or_raise_naming_the_file(tmp_path, bundle):
+    from chameleon_lite.data.shapes_world import ShapesWorldSpec, load_world_spec, write_shapes_world
+    from chameleon_lite.pretrained import load_model_config
+
+    native = export_model_dir(tiny_decoder(bundle), bundle, tmp_path / "native")
+    base = write_baseline_dir(tiny_baseline(bundle), bundle, tmp_path / "baseline")
+    world = tmp_path / "world"
+    write_shapes_world(ShapesWorldSpec(train=2, val=1, test=1, seed=1, shard_size=8), world, progress=False)
+    results = {
+        "native config.yaml": _fuzz(native / "config.yaml", lambda: load_model_config(native / "config.yaml"),
+                                    N_FUZZ, 1),
+        "tokenizer.yaml": _fuzz(native / "tokenizer" / "tokenizer.yaml",
+                                lambda: load_bundle(native / "tokenizer"), N_FUZZ, 2),
+        "baseline config.yaml": _fuzz(base / "config.yaml", lambda: load_baseline_dir(base), N_FUZZ, 3),
+        "world.yaml": _fuzz(world / "world.yaml", lambda: load_world_spec(world), N_FUZZ, 4),
+    }
+    for name, outcomes in results.items():
+        assert sum(outcomes.values()) == N_FUZZ, name
+        assert outcomes["ValueError naming the file"] > N_FUZZ // 4, (name, outcomes)  # the fuzzer does break files
+    print(results)
+
+
+def test_mutated_weights_and_checkpoints_load_or_raise_naming_the_file(tmp_path, bundle, shipped_copy):
+    import random
+
+    rng = random.Random(0)
+    weights = shipped_copy / "image_tokenizer.safetensors"
+    good_weights = weights.read_bytes()
+    ckpt = tiny_checkpoint(bundle, tmp_path)
+    good_ckpt = ckpt.read_bytes()
+    outcomes = {"weights": {"loaded": 0, "ValueError": 0}, "checkpoint": {"loaded": 0, "ValueError": 0}}
+    for trial in range(60):
+        for name, file, good in (("weights", weights, good_weights), ("checkpoint", ckpt, good_ckpt)):
+            data = bytearray(good)
+            if trial % 3 == 0:
+                data = data[: rng.randrange(len(data))]
+            else:  # flip bytes, mostly in the header / zip directory where they matter
+                region = 200 if trial % 3 == 1 else len(data)
+                for _ in range(rng.randint(1, 8)):
+                    i = rng.randrange(min(region, len(data))) if trial % 3 == 1 else len(data) - 1 - rng.randrange(200)
+                    data[i] = rng.randrange(256)
+            file.write_bytes(bytes(data))
+            try:
+                if name == "weights":
+                    load_bundle(shipped_copy)
+                else:
+                    export_checkpoint(file, tmp_path / f"out-{trial}")
+                outcomes[name]["loaded"] += 1
+            except ValueError as err:
+                assert str(file) in str(err), err
+                outcomes[name]["ValueError"] += 1
+    assert all(o["ValueError"] >= 20 for o in outcomes.values()), outcomes
+    print(outcomes)
