@@ -1,9 +1,12 @@
-"""Issue 14, "nothing lost, nothing leaked": writers never delete what they did not write, YAML read from disk is
-never interpolated, checkpoints are never unpickled from a URL, and every loader error names the file and the fault.
+"""Issue 14, "nothing lost, nothing leaked", items 1 and 2: writers never delete or overwrite what they did not
+write (manifest.json), and YAML read from disk is never interpolated. Loader errors: test_loader_errors.py;
+checkpoints: test_checkpoint_safety.py.
 """
 
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -357,3 +360,127 @@ def test_image_tokenizer_save_pretrained_keeps_other_files(tmp_path):
     model.save_pretrained(out)
     assert (out / "mine.txt").read_text() == "keep"
     assert sorted(read_manifest(out)) == ["image_tokenizer.safetensors", "image_tokenizer.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------- seeded fuzzing
+N_DIRS = 120
+
+
+def _random_target(root: Path, bundle: TokenizerBundle, rng) -> None:
+    """A directory as users leave them: their own files, an earlier save with files added, removed or clashing,
+    a tampered manifest, a linked folder pointing outside."""
+    names = ["config.yaml", "README.md", "text.model", "tokenizer.yaml", "notes.txt", "src/main.py", "sub/x.bin",
+             "quality.json", "sub/grid.png"]
+    scenario = rng.randrange(4)
+    if scenario == 0:  # nothing, or an empty directory
+        if rng.random() < 0.5:
+            root.mkdir()
+        return
+    if scenario >= 2:  # an earlier save
+        save_bundle(bundle, root, extra_files={"sub/x.bin": b"old"} if rng.random() < 0.5 else None)
+    root.mkdir(exist_ok=True)
+    for _ in range(rng.randrange(4)):  # the user's own files (may take a name we write)
+        name = rng.choice(names)
+        if not (root / name).exists():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(f"user {rng.random()}".encode())
+    if scenario == 3 and (root / MANIFEST_FILE).exists():
+        manifest = json.loads((root / MANIFEST_FILE).read_text())
+        action = rng.randrange(5)
+        if action == 0 and manifest["files"]:
+            manifest["files"].remove(rng.choice(manifest["files"]))  # a listed file becomes the user's
+        elif action == 1:
+            manifest["files"].append(rng.choice(["../outside.txt", "/etc/hostname", "sub/../../x", "a//b"]))
+        elif action == 2:
+            manifest["format"] = "something else"
+        elif action == 3 and manifest["files"]:
+            (root / rng.choice(manifest["files"])).unlink(missing_ok=True)  # a listed file already gone
+        else:  # a linked folder: writing sub/x.bin would land outside
+            shutil.rmtree(root / "sub", ignore_errors=True)
+            (root.parent / "elsewhere").mkdir(exist_ok=True)
+            (root / "sub").symlink_to(root.parent / "elsewhere")
+            manifest["files"].append("sub/x.bin")
+        (root / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_random_targets_never_lose_a_file_the_writer_did_not_write(tmp_path, bundle):
+    """Seeded fuzzing of save_bundle targets: a write either succeeds, keeping every file its old manifest did not
+    list byte for byte, or is refused with FileExistsError/ValueError leaving the directory exactly as it was."""
+    import random
+
+    rng = random.Random(14)
+    outcomes = {"written": 0, "FileExistsError": 0, "ValueError": 0}
+    for i in range(N_DIRS):
+        case = tmp_path / f"case-{i}"
+        case.mkdir()
+        root = case / "bundle"
+        (case / "outside.txt").write_text("precious")
+        _random_target(root, bundle, rng)
+        before = snapshot(root) if root.exists() else None
+        outside = snapshot(case / "elsewhere") if (case / "elsewhere").exists() else None
+        try:
+            listed = set(read_manifest(root) or []) if root.exists() else set()
+        except ValueError:
+            listed = None
+        extra = {"sub/x.bin": b"new"} if rng.random() < 0.5 else None
+        try:
+            save_bundle(bundle, root, extra_files=extra)
+        except (FileExistsError, ValueError) as err:
+            assert str(root) in str(err), err
+            assert (snapshot(root) if root.exists() else None) == before, (i, err)
+            outcomes[type(err).__name__] += 1
+        else:
+            assert listed is not None, i  # a broken manifest is never written over
+            after = snapshot(root)
+            for name, content in (before or {}).items():
+                if name not in listed and name != MANIFEST_FILE:
+                    assert after.get(name) == content, (i, name)
+            ours = set(read_manifest(root))
+            assert ours == {"README.md", "text.model", "tokenizer.yaml", *(extra or {})}, (i, ours)
+            assert load_bundle(root).name == bundle.name
+            outcomes["written"] += 1
+        assert (case / "outside.txt").read_text() == "precious"
+        if outside is not None:
+            assert snapshot(case / "elsewhere") == outside, i
+        assert not [p for p in case.iterdir() if p.name.startswith(".bundle.")], i  # no temporaries left
+    assert all(outcomes.values()), outcomes
+    print(outcomes)
+
+
+def test_a_failed_build_or_an_interrupted_install_leaves_every_file_accounted_for(tmp_path, bundle, monkeypatch):
+    import chameleon_lite.safe_io as safe_io
+
+    out = save_bundle(bundle, tmp_path / "b", extra_files={"old.json": "{}"})
+    (out / "mine.txt").write_text("mine")
+    before = snapshot(out)
+
+    def broken_build(self, path):
+        raise RuntimeError("disk full")
+
+    with monkeypatch.context() as m:  # the build fails: nothing changes, no temporary directory is left
+        m.setattr(type(bundle.text), "save", broken_build)
+        with pytest.raises(RuntimeError, match="disk full"):
+            save_bundle(bundle, out)
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+    real_replace, calls = os.replace, []
+
+    def crash_on_third(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process dies halfway through the renames
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(safe_io.os, "replace", crash_on_third)
+        with pytest.raises(KeyboardInterrupt):
+            save_bundle(bundle, out, extra_files={"new.json": "{}"})
+    listed = set(read_manifest(out))  # written ahead: old and new files
+    assert {"old.json", "new.json", "README.md", "text.model", "tokenizer.yaml"} <= listed
+    assert (out / "mine.txt").read_text() == "mine" and "mine.txt" not in listed
+    save_bundle(bundle, out)  # the next write finishes the job
+    assert set(read_manifest(out)) == {"README.md", "text.model", "tokenizer.yaml"}
+    assert not (out / "old.json").exists() and not (out / "new.json").exists()
+    assert (out / "mine.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
