@@ -1,8 +1,9 @@
 """``chameleon-lite demo``: the whole pipeline at tiny scale on a CPU, nothing downloaded.
 
-1. generate a shapes world (``OUT/data``): ``DEMO_WORLD``, the default world's objects, colours, grid, question
-   categories and held-out combos rendered at 48 px, so that each 16-px grid cell is one 2x2 block of codes of the
-   ``tokenizers/shapes-48`` bundle (see that bundle's README for why),
+1. generate a shapes world (``OUT/data``): ``DEMO_WORLD``, a smaller world than the default one (a 2x2 grid of
+   16-px cells at 32 px, 1-3 objects, 4 shapes, 4 colours, both sizes) with every question category and the default
+   held-out colour-shape combos, so that each cell is one 2x2 block of codes of ``tokenizers/shapes-32`` and the
+   demo's models learn within its budget (README, "What the demo measures", has the default world's curve beside),
 2. pre-tokenize it with the bundle the demo config names (``OUT/tokens``),
 3. run ``configs/compare/demo.yaml`` on it: train the native model and the baseline (encoder pretraining,
    stage 1, stage 2; identical decoders) under the same sample budget, evaluate both, write ``OUT/report.md``.
@@ -28,7 +29,13 @@ __all__ = ["demo", "prepare_demo_data", "DEMO_CONFIG", "DEMO_WORLD"]
 logger = logging.getLogger(__name__)
 
 DEMO_CONFIG = "configs/compare/demo.yaml"
-DEMO_WORLD = {"train": 5000, "val": 200, "test": 300, "seed": 0, "world": {"image_size": 48}}
+DEMO_WORLD = {
+    "train": 5000, "val": 200, "test": 300, "seed": 0,
+    "world": {"image_size": 32, "grid": 2, "max_objects": 3, "shapes": ["circle", "square", "triangle", "star"],
+              "colors": ["red", "green", "blue", "yellow"]},
+}
+"""The demo's world (a ``ShapesWorldSpec`` as a dict; held-out combos are the default red triangle, blue circle,
+green square and yellow star)."""
 
 
 def _same_world(path: Path, spec) -> bool:

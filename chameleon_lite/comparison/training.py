@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from chameleon_lite.comparison.evaluate import PeakMemory
+from chameleon_lite.data.shapes_world import load_world_spec
 from chameleon_lite.lightning_cli import run_lightning_cli
 from chameleon_lite.lit_native import flops_per_token
 
@@ -132,11 +133,17 @@ def baseline_flops(module: Any, *, rows: int, tokens: int, seq_len: int) -> floa
 def train_baseline(encoder_recipe: str, stage1_recipe: str, stage2_recipe: str, out: Path, *, raw: str,
                    tokenizer: str, train_samples: int, stage1_fraction: float, encoder_samples: int, seed: int,
                    extra: dict[str, list[str]] | None = None, progress: bool = True) -> ArmTraining:
-    """Encoder pretraining, then stage 1 and stage 2 sharing ``train_samples`` (``stage1_fraction`` to stage 1)."""
+    """Encoder pretraining, then stage 1 and stage 2 sharing ``train_samples`` (``stage1_fraction`` to stage 1).
+
+    When ``raw`` is a shapes world (it holds ``world.yaml``), every stage reads its images at the world's own
+    resolution (``--data.init_args.image_size``), whatever the recipes say, as the native arm's tokenizer does.
+    """
     if not 0.0 <= stage1_fraction < 1.0:
         raise ValueError(f"stage1_fraction={stage1_fraction} must be in [0, 1)")
     extra = extra or {}
     data = [f"--data.init_args.tokenizer={tokenizer}", f"--model.init_args.tokenizer={tokenizer}"]
+    if (Path(raw) / "world.yaml").is_file():
+        data.append(f"--data.init_args.image_size={load_world_spec(raw).world.image_size}")
     stages: dict[str, Any] = {}
     total_seconds = 0.0
 
