@@ -120,6 +120,21 @@ def load_state_into(model: BaselineVLM, state: dict[str, torch.Tensor], source: 
     model.load_state_dict(state, strict=not model.config.decoder.tie_embeddings)
 
 
+def _check_shapes(model: BaselineVLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_into``'s checks against a model on any device (the meta device included)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.decoder.tie_embeddings:
+        expected.pop(_TIED_HEAD_KEY, None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the config (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config implies {expected[name]}")
+
+
 def load_baseline_dir(path: str | Path, device: torch.device | str = "cpu") -> BaselineVLM:
     """A ``BaselineVLM`` (eval mode, ``.bundle`` set) from a baseline model directory."""
     path = check_model_dir(path)
@@ -129,13 +144,22 @@ def load_baseline_dir(path: str | Path, device: torch.device | str = "cpu") -> B
         raise ValueError(f"{path / CONFIG_FILE} names tokenizer {config.tokenizer!r} but {path / TOKENIZER_DIR} "
                          f"holds bundle {bundle.name!r}")
     try:
-        model = BaselineVLM(config.model_config(), bundle.vocab)
-    except ValueError as err:
-        raise ValueError(f"{path / CONFIG_FILE} does not fit the bundle in {path / TOKENIZER_DIR}: {err}") from err
-    try:
         state = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {err}") from err
-    load_state_into(model, state, f"{path / WEIGHTS_FILE} (checked against {path / CONFIG_FILE})")
+    source = f"{path / WEIGHTS_FILE} (checked against {path / CONFIG_FILE})"
+    # shapes first, on the meta device: a config read from disk must not make the loader allocate (or build layers)
+    # beyond what the weights file holds
+    if config.vit.n_layers + config.decoder.n_layers > len(state):
+        raise ValueError(f"{source}: the config asks for {config.vit.n_layers} + {config.decoder.n_layers} layers but "
+                         f"the file holds only {len(state)} tensors")
+    try:
+        with torch.device("meta"):
+            shapes = BaselineVLM(config.model_config(), bundle.vocab)
+    except (ValueError, TypeError, RuntimeError, OverflowError) as err:
+        raise ValueError(f"{path / CONFIG_FILE} does not fit the bundle in {path / TOKENIZER_DIR}: {err}") from err
+    _check_shapes(shapes, state, source)
+    model = BaselineVLM(config.model_config(), bundle.vocab)
+    load_state_into(model, state, source)
     model.bundle = bundle
     return model.to(device).eval()

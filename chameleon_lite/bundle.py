@@ -81,7 +81,10 @@ class TokenizerBundle:
             )
         if len(self.image_grid) != 2:
             raise ValueError(f"image_grid must be two positive ints [h, w], got {list(self.image_grid)}")
-        h, w = (int(x) for x in self.image_grid)
+        try:
+            h, w = (int(x) for x in self.image_grid)
+        except (TypeError, ValueError, OverflowError) as err:
+            raise ValueError(f"image_grid must be two positive ints [h, w], got {list(self.image_grid)}") from err
         if h < 1 or w < 1:
             raise ValueError(f"image_grid must be two positive ints, got {self.image_grid}")
         self.image_grid = (h, w)

@@ -143,8 +143,18 @@ def expected_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_state_dict(state: Mapping[str, torch.Tensor], config: DecoderConfig, source: str) -> None:
-    """Raise ``ValueError`` naming every missing, unexpected or mis-shaped tensor of ``state`` for ``config``."""
-    want = expected_shapes(config)
+    """Raise ``ValueError`` naming every missing, unexpected or mis-shaped tensor of ``state`` for ``config``.
+
+    A config claiming more layers than ``state`` has tensors is refused before anything is built (a config read
+    from disk could otherwise keep the loader building layers for hours), as is one no decoder can be built from.
+    """
+    if config.n_layers > len(state):
+        raise ValueError(f"weights in {source} do not match the decoder config: n_layers={config.n_layers} but the "
+                         f"file holds only {len(state)} tensors")
+    try:
+        want = expected_shapes(config)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise ValueError(f"weights in {source}: the decoder config cannot be built ({err})") from err
     missing = sorted(set(want) - set(state))
     unexpected = sorted(set(state) - set(want))
     wrong = [
@@ -370,7 +380,10 @@ class ChameleonLite(nn.Module):
                 f"{path / CONFIG_FILE}: decoder.vocab_size={config.decoder.vocab_size} but the bundle in "
                 f"{path / TOKENIZER_DIR} has {bundle.vocab.size} ids"
             )
-        decoder = load_decoder(config.decoder, path / WEIGHTS_FILE, device=device)
+        try:
+            decoder = load_decoder(config.decoder, path / WEIGHTS_FILE, device=device)
+        except ValueError as err:  # the weights and config.yaml disagree: name both
+            raise ValueError(f"{err} (decoder config: {path / CONFIG_FILE})") from err
         if dtype is not None:
             decoder = decoder.to(dtype)
         model = cls(decoder, bundle, config).to(device)

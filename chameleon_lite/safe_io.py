@@ -136,7 +136,7 @@ def load_structured_yaml(file: str | Path, schema: type[T], *, section: str | No
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data))
         return OmegaConf.to_object(merged)
-    except (OmegaConfBaseException, ValueError, TypeError) as err:
+    except (OmegaConfBaseException, ValueError, TypeError, ArithmeticError) as err:  # ArithmeticError: inf -> int
         raise ValueError(f"{file} is malformed: {err}") from err
 
 

@@ -242,3 +242,56 @@ def test_mutated_weights_and_checkpoints_load_or_raise_naming_the_file(tmp_path,
                 outcomes[name]["ValueError"] += 1
     assert all(o["ValueError"] >= 20 for o in outcomes.values()), outcomes
     print(outcomes)
+
+
+ODD_VALUES = ["0", "-1", "1e309", ".nan", "x", "[]", "{}", "null", "true", str(2**70), "1.5", "'7'", "[1, 2, 3]"]
+
+
+def test_every_config_value_replaced_by_an_odd_one_loads_or_is_named(tmp_path, bundle):
+    """Each scalar of a native and a baseline config.yaml, a tokenizer.yaml and a world.yaml replaced in turn by
+    ``ODD_VALUES`` (huge, infinite, NaN, wrong types): the directory loads or a ValueError names the file, within
+    seconds. A config asking for 2**70 layers used to keep the loader building layers for ever."""
+    import re
+    import signal
+
+    from chameleon_lite.data.shapes_world import ShapesWorldSpec, load_world_spec, write_shapes_world
+    from chameleon_lite.pretrained import ChameleonLite
+
+    def too_slow(*args):
+        raise TimeoutError("a load took more than 20 s")
+
+    native = export_model_dir(tiny_decoder(bundle), bundle, tmp_path / "native")
+    base = write_baseline_dir(tiny_baseline(bundle), bundle, tmp_path / "baseline")
+    world = tmp_path / "world"
+    write_shapes_world(ShapesWorldSpec(train=2, val=1, test=1, seed=1, shard_size=8), world, progress=False)
+    targets = {
+        "native": (native / "config.yaml", lambda: ChameleonLite.from_pretrained(native)),
+        "bundle": (native / "tokenizer" / "tokenizer.yaml", lambda: load_bundle(native / "tokenizer")),
+        "baseline": (base / "config.yaml", lambda: load_baseline_dir(base)),
+        "world": (world / "world.yaml", lambda: load_world_spec(world)),
+    }
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    counts = {}
+    try:
+        for name, (file, load) in targets.items():
+            original = file.read_text()
+            lines = original.splitlines()
+            counts[name] = {"loaded": 0, "named": 0}
+            for i, line in enumerate(lines):
+                m = re.match(r"^(\s*(?:- )?[A-Za-z_]+: )(.+)$", line) or re.match(r"^(\s*- )(.+)$", line)
+                for value in ODD_VALUES if m else []:
+                    file.write_text("\n".join([*lines[:i], m.group(1) + value, *lines[i + 1 :]]) + "\n")
+                    signal.alarm(20)
+                    try:
+                        load()
+                        counts[name]["loaded"] += 1
+                    except (ValueError, FileNotFoundError) as err:
+                        assert str(file) in str(err), (line, value, err)
+                        counts[name]["named"] += 1
+                    finally:
+                        signal.alarm(0)
+            file.write_text(original)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert all(c["named"] > 100 for c in counts.values()), counts
+    print(counts)
