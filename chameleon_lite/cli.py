@@ -13,13 +13,32 @@ from chameleon_lite import __version__
 from chameleon_lite.lightning_cli import LIGHTNING_SUBCOMMANDS, run_lightning_cli
 
 
+def _bundle(name: str) -> str:
+    """A bundle path, or the shipped bundle a name such as ``shapes-64`` or ``tokenizers/shapes-64`` means."""
+    from chameleon_lite.shipped import resolve_path
+
+    return str(resolve_path(name, kind="bundle"))
+
+
+def _recipe(name: str) -> str:
+    """A YAML path, or the shipped recipe a name such as ``compare/demo`` or ``configs/compare/demo.yaml`` means."""
+    from chameleon_lite.shipped import resolve_path
+
+    return str(resolve_path(name, kind="config"))
+
+
 def _bundle_info(args: argparse.Namespace) -> int:
     from chameleon_lite.bundle import load_bundle
+    from chameleon_lite.shipped import describe_shipped
 
-    b = load_bundle(args.path, load_image_tokenizer=False)
+    if args.list or args.path is None:
+        print(describe_shipped())
+        return 0
+    path = _bundle(args.path)
+    b = load_bundle(path, load_image_tokenizer=False)
     v = b.vocab
     h, w = b.image_grid
-    print(f"bundle {b.name!r} at {args.path}")
+    print(f"bundle {b.name!r} at {path}")
     print(f"  text pieces      [0, {v.n_text})")
     print(f"  control tokens   [{v.n_text}, {v.image_offset}): {', '.join(v.control_tokens)} + {v.n_reserved} reserved")
     print(f"  image codes      [{v.image_offset}, {v.size}): codebook {v.codebook_size}, grid {h}x{w}")
@@ -48,7 +67,7 @@ def _eval_tokenizer(args: argparse.Namespace) -> int:
     from chameleon_lite.data.readers import pair_dataset
     from chameleon_lite.eval.tokenizer_eval import evaluate_image_tokenizer, format_report
 
-    bundle = load_bundle(args.tokenizer)
+    bundle = load_bundle(_bundle(args.tokenizer))
     if bundle.image_tokenizer is None:
         raise SystemExit(f"{args.tokenizer} has no image tokenizer to evaluate")
     world = None
@@ -74,7 +93,7 @@ def _tokenize(args: argparse.Namespace) -> int:
     from chameleon_lite.bundle import load_bundle
     from chameleon_lite.data.pretokenize import tokenize_shards
 
-    bundle = load_bundle(args.tokenizer)
+    bundle = load_bundle(_bundle(args.tokenizer))
     stats = tokenize_shards(
         bundle, args.shards, args.out, batch_size=args.batch_size, num_workers=args.num_workers
     )
@@ -171,7 +190,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from chameleon_lite.comparison.run import compare
 
-    result = compare(args.config, args.out, overrides=args.set or [], progress=not args.no_progress)
+    result = compare(_recipe(args.config), args.out, overrides=args.set or [], progress=not args.no_progress)
     print(f"report: {result['report']}")
     return 0
 
@@ -190,6 +209,7 @@ def _learning_curve(args: argparse.Namespace) -> int:
     from chameleon_lite.comparison.config import load_compare_config
     from chameleon_lite.comparison.learning_curve import check_budgets, check_overrides, learning_curve
 
+    args.config = _recipe(args.config)
     try:
         budgets = check_budgets(args.budgets)
     except ValueError as err:
@@ -209,12 +229,17 @@ def _learning_curve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chameleon-lite", description=__doc__.splitlines()[0])
+    from chameleon_lite.shipped import describe_shipped
+
+    parser = argparse.ArgumentParser(prog="chameleon-lite", description=__doc__.splitlines()[0],
+                                     epilog=describe_shipped(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"chameleon-lite {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    info = sub.add_parser("bundle-info", help="print the vocabulary layout of a tokenizer bundle")
-    info.add_argument("path", help="bundle directory, e.g. tokenizers/shapes-64")
+    info = sub.add_parser("bundle-info", help="print the vocabulary layout of a tokenizer bundle, or list the shipped "
+                                              "bundles and recipes")
+    info.add_argument("path", nargs="?", help="bundle directory or shipped bundle name, e.g. shapes-64; none: --list")
+    info.add_argument("--list", action="store_true", help="list the shipped tokenizer bundles and recipes")
     info.set_defaults(func=_bundle_info)
 
     data = sub.add_parser("data", help="generate data sets").add_subparsers(dest="data_command", required=True)
@@ -230,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0, help="base seed (splits use disjoint streams of it)")
     shapes.set_defaults(func=_data_shapes)
     ev = sub.add_parser("eval-tokenizer", help="measure a bundle's image tokenizer on image shards")
-    ev.add_argument("--tokenizer", required=True, help="bundle directory")
+    ev.add_argument("--tokenizer", required=True, help="bundle directory or shipped bundle name (shapes-64)")
     ev.add_argument("--shards", required=True, help="image-caption shards, e.g. 'data/shapes/val/pairs-*.tar'")
     ev.add_argument("--world", help="world.yaml of a shapes world: adds scene-parser agreement")
     ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
@@ -239,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval_tokenizer)
 
     tok = sub.add_parser("tokenize", help="pre-tokenize raw shards (pairs, QA, docs) into token shards")
-    tok.add_argument("--tokenizer", required=True, help="bundle directory, e.g. tokenizers/shapes-64")
+    tok.add_argument("--tokenizer", required=True, help="bundle directory or shipped bundle name, e.g. shapes-64")
     tok.add_argument("--shards", required=True, help="raw shards, e.g. 'data/shapes/train/*.tar'")
     tok.add_argument("--out", required=True, help="output directory for token shards")
     tok.add_argument("--batch-size", type=int, default=256, help="images per VQ encoder batch")
@@ -268,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     cmp = sub.add_parser("compare", help="train/load the native and baseline arms, evaluate both, write a report")
-    cmp.add_argument("--config", required=True, help="configs/compare/<name>.yaml")
+    cmp.add_argument("--config", required=True, help="configs/compare/<name>.yaml or a shipped name (compare/demo)")
     cmp.add_argument("--out", required=True, help="output directory (report.md, metrics.json, plots, runs)")
     cmp.add_argument("--set", action="append", help="override a config value, e.g. --set eval.captions=20")
     cmp.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -45,14 +45,35 @@ def _cli_class():
     return CheckedLightningCLI
 
 
+def resolve_config_args(args: Sequence[str]) -> list[str]:
+    """``args`` with each ``--config``/``-c`` value resolved by ``chameleon_lite.shipped.resolve_path``.
+
+    A recipe path that exists is kept; otherwise a shipped recipe may be named from any directory, by a short name
+    (``native/tiny``) or as recipes name each other (``configs/native/demo.yaml``).
+    """
+    from chameleon_lite.shipped import resolve_path
+
+    out, args = [], list(args)
+    for i, arg in enumerate(args):
+        if i and args[i - 1] in ("--config", "-c"):
+            arg = str(resolve_path(arg, kind="config"))
+        elif arg.startswith("--config="):
+            arg = "--config=" + str(resolve_path(arg.split("=", 1)[1], kind="config"))
+        out.append(arg)
+    return out
+
+
 def run_lightning_cli(args: Sequence[str], run: bool = True):
-    """Run LightningCLI on ``args`` (``["fit", "--config", ...]``); with ``run=False`` only parse and instantiate."""
+    """Run LightningCLI on ``args`` (``["fit", "--config", ...]``); with ``run=False`` only parse and instantiate.
+
+    ``--config`` may name a shipped recipe (``resolve_config_args``).
+    """
     import sys
     import warnings
 
     import lightning as L
 
-    args = list(args)
+    args = resolve_config_args(args)
     # called from Python (tests, `chameleon-lite compare`) the args are ours; sys.argv belongs to another program
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended", category=UserWarning)
     return _cli_class()(
@@ -85,7 +106,7 @@ def parse_recipe(path: str):
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
-        args=["--config", str(path)],
+        args=resolve_config_args(["--config", str(path)]),
         run=False,
     )
     return cli.config

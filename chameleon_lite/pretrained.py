@@ -111,16 +111,14 @@ def model_dir_kind(path: str | Path) -> str | None:
 
 
 def resolve_bundle_path(path: str | Path) -> Path:
-    """A bundle path as given, or, when it is relative and absent, relative to the repository root.
+    """A bundle path as given when it exists, else the shipped bundle it names (``chameleon_lite.shipped``).
 
-    Lets ``tokenizer: tokenizers/shapes-64`` (the default of the native module) work from any directory in an
-    editable install. The returned path may not exist; ``load_bundle`` then names it.
+    Lets ``tokenizer: tokenizers/shapes-64`` (the default of the native module) and the short name ``shapes-64``
+    work from any directory, installed or not. The returned path may not exist; ``load_bundle`` then names it.
     """
-    path = Path(path)
-    if path.is_dir() or path.is_absolute():
-        return path
-    in_repo = Path(__file__).resolve().parents[1] / path
-    return in_repo if in_repo.is_dir() else path
+    from chameleon_lite.shipped import resolve_path
+
+    return resolve_path(path, kind="bundle")
 
 
 # ---------------------------------------------------------------------------------------------- weights

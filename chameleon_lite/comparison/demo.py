@@ -23,12 +23,13 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from chameleon_lite.pretrained import resolve_bundle_path
+from chameleon_lite.shipped import resolve_path
 
 __all__ = ["demo", "prepare_demo_data", "DEMO_CONFIG", "DEMO_WORLD"]
 
 logger = logging.getLogger(__name__)
 
-DEMO_CONFIG = "configs/compare/demo.yaml"
+DEMO_CONFIG = "configs/compare/demo.yaml"  # a shipped recipe: found from any directory (``chameleon_lite.shipped``)
 DEMO_WORLD = {
     "train": 5000, "val": 200, "test": 300, "seed": 0,
     "world": {"image_size": 32, "grid": 2, "max_objects": 3, "shapes": ["circle", "square", "triangle", "star"],
@@ -71,7 +72,7 @@ def prepare_demo_data(out: str | Path, config: str | Path, *, world: dict[str, A
         write_shapes_world(spec, data, progress=progress)
         for split in ("train", "val"):
             (tokens / split / RECORD_FILE).unlink(missing_ok=True)
-    cfg = OmegaConf.load(resolve_bundle_path(config))
+    cfg = OmegaConf.load(resolve_path(config, kind="config"))
     bundle_dir = resolve_bundle_path(cfg.data.tokenizer)
     bundle = load_bundle(bundle_dir)
     for split in ("train", "val"):
@@ -92,7 +93,7 @@ def demo(out: str | Path = "runs/demo", *, config: str = DEMO_CONFIG, overrides:
     out = Path(out)
     started = time.perf_counter()
     data_overrides = prepare_demo_data(out, config, world=world, progress=progress)
-    config_path = resolve_bundle_path(config)
+    config_path = resolve_path(config, kind="config")
     print(f"[demo] 3/3 training and comparing both arms ({config_path})")
     result = compare(config_path, out, overrides=[*data_overrides, *overrides], progress=progress)
     minutes = (time.perf_counter() - started) / 60

@@ -469,7 +469,9 @@ class TokenDataModule(L.LightningDataModule):
     def bundle(self) -> TokenizerBundle:
         """The tokenizer bundle (loaded on first use, without the VQ weights)."""
         if self._bundle is None:
-            self._bundle = load_bundle(self.tokenizer, load_image_tokenizer=False)
+            from chameleon_lite.shipped import resolve_path  # a shipped bundle's name works from any directory
+
+            self._bundle = load_bundle(resolve_path(self.tokenizer, kind="bundle"), load_image_tokenizer=False)
         return self._bundle
 
     @property
