@@ -445,9 +445,19 @@ class VQImageTokenizer(nn.Module):
             config = ImageTokenizerConfig.from_dict(config)
         if stored is not None:
             _check_config_agrees(config, stored)
-        model = cls(config)
         state = load_file(str(weights_path), device=str(map_location))
-        _check_state_agrees(model, state, config)
+        try:  # shapes first, on the meta device: a config read from disk allocates nothing beyond the file's tensors
+            with torch.device("meta"):
+                probe = cls(config)
+        except (TypeError, OverflowError) as err:
+            raise ValueError(f"no image tokenizer can be built from the config of {weights_path}: {err}") from err
+        except RuntimeError:  # FSQ calls .item() while building: checked on the real model below instead
+            probe = None
+        if probe is not None:
+            _check_state_agrees(probe, state, config)
+        model = cls(config)
+        if probe is None:
+            _check_state_agrees(model, state, config)
         model.load_state_dict(state, strict=True)
         return model.to(map_location)
 

@@ -295,3 +295,32 @@ def test_every_config_value_replaced_by_an_odd_one_loads_or_is_named(tmp_path, b
         signal.signal(signal.SIGALRM, previous)
     assert all(c["named"] > 100 for c in counts.values()), counts
     print(counts)
+
+
+def test_an_image_tokenizer_config_claiming_a_huge_model_is_refused_without_building_it(shipped_copy):
+    """tokenizer.yaml and the weights' stored config both claim base_channels=256 (~2 GB of weights) while the file
+    holds the 16-channel tensors: the shape check runs on the meta device and the loader stays small."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    weights = shipped_copy / "image_tokenizer.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = dict(f.metadata())
+    stored = json.loads(metadata["config"])
+    stored["base_channels"] = 256
+    metadata["config"] = json.dumps(stored)
+    save_file(load_file(str(weights)), str(weights), metadata=metadata)
+    cfg = shipped_copy / "tokenizer.yaml"
+    cfg.write_text(cfg.read_text().replace("base_channels: 16", "base_channels: 256"))
+    code = ("import resource\nfrom chameleon_lite.bundle import load_bundle\n"
+            f"try:\n    load_bundle({str(shipped_copy)!r})\nexcept ValueError as err:\n    print('REFUSED', err)\n"
+            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "REFUSED" in result.stdout and str(weights) in result.stdout, result.stdout + result.stderr
+    assert "do not fit the config" in result.stdout
+    peak_mb = int(result.stdout.split("PEAK_KB")[1]) / 1024
+    assert peak_mb < 1200, f"the loader peaked at {peak_mb:.0f} MB"  # building the claimed model takes > 2 GB
