@@ -34,6 +34,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -106,8 +107,23 @@ def load_vision_encoder(directory: str | Path, expected: ViTConfig | None = None
     config = load_structured_yaml(directory / ENCODER_CONFIG, ViTConfig)  # plain data: never interpolated
     if expected is not None:
         _check_same(expected, config, f"{directory / ENCODER_CONFIG}")
+    weights = directory / ENCODER_WEIGHTS
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+    source = f"{weights} (checked against {directory / ENCODER_CONFIG})"
+    if config.n_layers > len(state):  # before building anything: the config is read from disk
+        raise ValueError(f"{source}: n_layers={config.n_layers} but the file holds only {len(state)} tensors")
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in VisionEncoder(config).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if want != have:
+        wrong = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        raise ValueError(f"{source}: weights do not match the config: " + "; ".join(
+            f"{k}: file {have.get(k, 'missing')} vs config {want.get(k, 'none')}" for k in wrong[:5]))
     encoder = VisionEncoder(config)
-    encoder.load_state_dict(load_file(str(directory / ENCODER_WEIGHTS)))
+    encoder.load_state_dict(state)
     return encoder
 
 

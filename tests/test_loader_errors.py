@@ -324,3 +324,32 @@ def test_an_image_tokenizer_config_claiming_a_huge_model_is_refused_without_buil
     assert "do not fit the config" in result.stdout
     peak_mb = int(result.stdout.split("PEAK_KB")[1]) / 1024
     assert peak_mb < 1200, f"the loader peaked at {peak_mb:.0f} MB"  # building the claimed model takes > 2 GB
+
+
+def test_a_vision_encoder_directory_names_its_faults(tmp_path):
+    """load_vision_encoder (stage-1 ``encoder_init``): a damaged weights file, a config claiming 2**40 layers or
+    other shapes than the file holds are ValueErrors naming the files, raised before anything is built."""
+    from safetensors.torch import save_file
+
+    from chameleon_lite.lit_baseline import load_vision_encoder
+    from chameleon_lite.vision_encoder import VisionEncoder, ViTConfig
+
+    enc = tmp_path / "encoder"
+    enc.mkdir()
+    config_text = "image_size: 32\npatch_size: 16\nd_model: 32\nn_layers: 2\nn_heads: 2\n"
+    (enc / "config.yaml").write_text(config_text)
+    state = {k: v.contiguous() for k, v in VisionEncoder(ViTConfig(image_size=32, patch_size=16, d_model=32,
+                                                                   n_layers=2, n_heads=2)).state_dict().items()}
+    save_file(state, str(enc / "model.safetensors"))
+    assert load_vision_encoder(enc) is not None
+    (enc / "config.yaml").write_text(config_text.replace("n_layers: 2", f"n_layers: {2**40}"))
+    with pytest.raises(ValueError, match=rf"model\.safetensors .*config\.yaml.*n_layers={2**40} but the file"):
+        load_vision_encoder(enc)
+    (enc / "config.yaml").write_text(config_text.replace("d_model: 32", "d_model: 64"))
+    with pytest.raises(ValueError, match=r"config\.yaml\).*weights do not match the config"):
+        load_vision_encoder(enc)
+    (enc / "config.yaml").write_text(config_text)
+    data = (enc / "model.safetensors").read_bytes()
+    (enc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+        load_vision_encoder(enc)
