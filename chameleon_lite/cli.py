@@ -189,8 +189,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from chameleon_lite.comparison.run import compare
+    from chameleon_lite.lightning_cli import quiet_lightning
 
-    result = compare(_recipe(args.config), args.out, overrides=args.set or [], progress=not args.no_progress)
+    with quiet_lightning():  # the comparison's own lines and progress bars, not Lightning's banners per stage
+        result = compare(_recipe(args.config), args.out, overrides=args.set or [], progress=not args.no_progress)
     print(f"report: {result['report']}")
     return 0
 
@@ -223,7 +225,10 @@ def _learning_curve(args: argparse.Namespace) -> int:
         from chameleon_lite.comparison.demo import prepare_demo_data
 
         overrides = [*prepare_demo_data(args.out, args.config, progress=not args.no_progress), *overrides]
-    learning_curve(args.config, args.out, budgets, overrides=overrides, progress=not args.no_progress)
+    from chameleon_lite.lightning_cli import quiet_lightning
+
+    with quiet_lightning():
+        learning_curve(args.config, args.out, budgets, overrides=overrides, progress=not args.no_progress)
     print(Path(args.out, "curve.md").read_text(encoding="utf-8").split("## Training time")[0])
     return 0
 

@@ -12,9 +12,43 @@ Local checkpoints are read with ``torch.load``'s default ``weights_only=True`` (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+"""Loggers ``quiet_lightning`` raises to WARNING: the accelerator banners ("GPU available: ..."), the litlogger tip,
+"Seed set to ...", "`Trainer.fit` stopped ..." and the other INFO lines Lightning prints for every fit."""
+QUIET_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+"""Messages (regular expressions) of the warnings ``quiet_lightning`` hides: torch's pytree deprecation, which
+Lightning's own ``_pytree`` triggers on every fit (nothing the user can act on)."""
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Within the block, Lightning prints no INFO banners and the warnings in ``QUIET_WARNINGS`` are hidden.
+
+    For the fits the comparison and the demo run (their own lines and progress bars stay); the model summary is
+    a trainer switch (``--trainer.enable_model_summary=false``, set by ``comparison.training``). Levels and warning
+    filters are restored on exit, so a plain ``chameleon-lite fit`` keeps Lightning's output.
+    """
+    import lightning  # noqa: F401  (importing it sets its loggers to INFO: import first, then raise them)
+
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for message in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        for logger in loggers:
+            logger.setLevel(max(logging.WARNING, logger.level))
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def check_ckpt_path(ckpt_path: object) -> None:
@@ -69,7 +103,6 @@ def run_lightning_cli(args: Sequence[str], run: bool = True):
     ``--config`` may name a shipped recipe (``resolve_config_args``).
     """
     import sys
-    import warnings
 
     import lightning as L
 

@@ -89,13 +89,15 @@ def demo(out: str | Path = "runs/demo", *, config: str = DEMO_CONFIG, overrides:
          world: dict[str, Any] | None = None, progress: bool = True) -> Path:
     """Run the demo; returns the path of ``report.md``."""
     from chameleon_lite.comparison.run import compare
+    from chameleon_lite.lightning_cli import quiet_lightning
 
     out = Path(out)
     started = time.perf_counter()
     data_overrides = prepare_demo_data(out, config, world=world, progress=progress)
     config_path = resolve_path(config, kind="config")
     print(f"[demo] 3/3 training and comparing both arms ({config_path})")
-    result = compare(config_path, out, overrides=[*data_overrides, *overrides], progress=progress)
+    with quiet_lightning():  # the demo's own lines and progress bars only, not Lightning's banners per stage
+        result = compare(config_path, out, overrides=[*data_overrides, *overrides], progress=progress)
     minutes = (time.perf_counter() - started) / 60
     print(f"[demo] done in {minutes:.1f} min: {result['report']}")
     return result["report"]

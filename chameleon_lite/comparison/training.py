@@ -67,6 +67,7 @@ def _common(run_dir: Path, seed: int, steps: int, progress: bool) -> list[str]:
     return [f"--seed_everything={seed}", f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={run_dir}",
             f"--trainer.log_every_n_steps={log_every}",
             f"--trainer.logger.init_args.save_dir={run_dir}", f"--trainer.enable_progress_bar={str(progress).lower()}",
+            "--trainer.enable_model_summary=false",  # no summary table per stage (see lightning_cli.quiet_lightning)
             f"--model.init_args.seed={seed}", f"--data.init_args.seed={seed}"]
 
 
