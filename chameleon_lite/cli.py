@@ -105,10 +105,28 @@ def _tokenize(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
     from chameleon_lite.pretrained import export_checkpoint
 
-    out = export_checkpoint(args.ckpt, args.out)
-    print(f"model directory written to {out}")
+    if args.format == "model-dir":
+        if not args.ckpt or args.model:
+            raise SystemExit("export --format model-dir: give --ckpt (a Lightning checkpoint)")
+        out = export_checkpoint(args.ckpt, args.out)
+        print(f"model directory written to {out}")
+        return 0
+    if bool(args.ckpt) == bool(args.model):
+        raise SystemExit("export --format transformers: give either --model (a model directory) or --ckpt")
+    try:
+        from chameleon_lite.hf_export import export_transformers
+    except ImportError as err:
+        raise SystemExit(f"export --format transformers needs transformers ({err}); pip install transformers") from err
+    with tempfile.TemporaryDirectory() as tmp:
+        model = export_checkpoint(args.ckpt, Path(tmp) / "model") if args.ckpt else args.model
+        out = export_transformers(model, args.out)
+    print(f"transformers directory written to {out} (ChameleonForConditionalGeneration.from_pretrained; "
+          "text output only; prompts are ids from its tokenizer/ bundle)")
     return 0
 
 
@@ -276,9 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--num-workers", type=int, default=2, help="processes decoding images and text")
     tok.set_defaults(func=_tokenize)
 
-    exp = sub.add_parser("export", help="write a model directory (config.yaml, model.safetensors, tokenizer/)")
-    exp.add_argument("--ckpt", required=True, help="Lightning checkpoint of a native model run")
-    exp.add_argument("--out", required=True, help="model directory to write")
+    exp = sub.add_parser("export", help="write a model directory (config.yaml, model.safetensors, tokenizer/), "
+                                        "or a transformers Chameleon directory")
+    exp.add_argument("--ckpt", help="Lightning checkpoint of a native model run")
+    exp.add_argument("--model", help="model directory to convert (--format transformers)")
+    exp.add_argument("--format", default="model-dir", choices=["model-dir", "transformers", "hf"],
+                     help="model-dir (default), or transformers (alias hf): a directory "
+                          "ChameleonForConditionalGeneration.from_pretrained loads (docs/install.md)")
+    exp.add_argument("--out", required=True, help="directory to write")
     exp.set_defaults(func=_export)
 
     gen = sub.add_parser("generate", help="generate text, images or both with a model directory")
