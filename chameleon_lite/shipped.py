@@ -30,10 +30,13 @@ _KINDS = ("bundle", "config")
 def shipped_root() -> Path | None:
     """The directory holding the shipped ``tokenizers/`` and ``configs/``; None when neither copy is there.
 
-    ``chameleon_lite/_shipped`` (built into a wheel) comes first, then the repository root of a source checkout.
+    ``chameleon_lite/_shipped`` (built into a wheel) comes first, then the repository root of a source checkout
+    (recognised by its ``pyproject.toml``: beside an installed package, site-packages may hold other projects'
+    top-level ``tokenizers``/``configs``, Hugging Face's ``tokenizers`` among them).
     """
-    for root in (_PACKAGE_DIR / "_shipped", _PACKAGE_DIR.parent):
-        if (root / "configs").is_dir() and (root / "tokenizers").is_dir():
+    shipped, repo = _PACKAGE_DIR / "_shipped", _PACKAGE_DIR.parent
+    for root, marker in ((shipped, shipped), (repo, repo / "pyproject.toml")):
+        if marker.exists() and (root / "configs").is_dir() and (root / "tokenizers").is_dir():
             return root
     return None
 

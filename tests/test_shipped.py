@@ -71,3 +71,19 @@ def test_lightning_config_args_resolve_shipped_recipes(elsewhere):
     assert got == ["fit", "--config", str(root / "configs/native/tiny.yaml"), "-c",
                    str(root / "configs/native/demo.yaml"), f"--config={root / 'configs/compare/demo.yaml'}",
                    "--trainer.max_steps=1"]
+
+
+def test_shipped_root_prefers_the_wheel_copy_and_ignores_unrelated_site_packages(tmp_path, monkeypatch):
+    import chameleon_lite.shipped as shipped
+
+    site = tmp_path / "site-packages"
+    for name in ("tokenizers", "configs"):  # another project's top-level folders (HF's tokenizers is one)
+        (site / name).mkdir(parents=True)
+    monkeypatch.setattr(shipped, "_PACKAGE_DIR", site / "chameleon_lite")
+    assert shipped.shipped_root() is None  # no pyproject.toml: not a source checkout
+    assert shipped.resolve_path("shapes-64", kind="bundle") == Path("shapes-64")
+    for name in ("tokenizers/shapes-64", "configs/native"):
+        (site / "chameleon_lite" / "_shipped" / name).mkdir(parents=True)
+    (site / "chameleon_lite" / "_shipped" / "configs/native/tiny.yaml").write_text("{}\n")
+    assert shipped.shipped_root() == site / "chameleon_lite" / "_shipped"
+    assert shipped.resolve_path("native/tiny") == site / "chameleon_lite/_shipped/configs/native/tiny.yaml"
