@@ -133,11 +133,13 @@ def _export(args: argparse.Namespace) -> int:
 def _images(args: argparse.Namespace) -> list:
     from PIL import Image
 
+    from chameleon_lite.image_preprocessing import to_rgb
+
     images = []
     for path in args.image or []:
         try:
             with Image.open(path) as im:
-                images.append(im.convert("RGB"))
+                images.append(to_rgb(im.copy())[0])  # as the training readers: alpha on white
         except (OSError, ValueError) as err:
             raise SystemExit(f"--image {path}: cannot read it as an image ({err})") from err
     return images

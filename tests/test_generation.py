@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import types
 from pathlib import Path
 
@@ -443,6 +444,14 @@ def test_cli_generate_writes_text_and_images(tmp_path, capsys) -> None:
     expected = model.generate([render, "How many objects are there?"], max_new_tokens=8, temperature=1.5, seed=3)
     assert expected and all(isinstance(s, str) for s in expected)  # text mode writes text, never an image
     assert capsys.readouterr().out.splitlines() == expected  # the printed text is the model's, for these arguments
+    # a transparent PNG is composited on white, as the training readers do (convert("RGB") would make it black)
+    clear = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    clear.paste((255, 0, 0, 255), (20, 20, 44, 44))
+    clear.save(tmp_path / "clear.png")
+    from chameleon_lite.cli import _images
+
+    (read,) = _images(argparse.Namespace(image=[str(tmp_path / "clear.png")]))
+    assert read.mode == "RGB" and read.getpixel((0, 0)) == (255, 255, 255) and read.getpixel((30, 30)) == (255, 0, 0)
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(SystemExit, match="bad.png"):
         main(["generate", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "bad.png")])
