@@ -32,12 +32,17 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 __all__ = [
+    "ACCUMULATING_KINDS",
     "MANIFEST_FILE",
+    "check_listed",
     "check_no_interpolation",
     "check_writable_dir",
     "load_plain_yaml",
     "load_structured_yaml",
+    "manifest_kind",
     "read_manifest",
+    "record_files",
+    "remove_listed",
     "save_structured_yaml",
     "write_dir",
 ]
@@ -45,6 +50,10 @@ __all__ = [
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "chameleon_lite-manifest"
 MANIFEST_VERSION = 1
+ACCUMULATING_KINDS = ("data", "compare", "learning_curve")
+"""Manifest kinds of directories that several writers fill one named file at a time (``record_files``): data
+directories (shards, ``tokens.yaml``, ``world.yaml``), ``compare`` and ``learning_curve`` output directories.
+``write_dir`` (which replaces a whole directory) refuses them."""
 _INTERPOLATION = "${"
 T = TypeVar("T")
 
@@ -154,6 +163,17 @@ def read_manifest(directory: str | Path) -> list[str] | None:
 
     A manifest that is not ours or lists a path outside the directory raises ``ValueError`` naming it.
     """
+    data = _read_manifest_data(directory)
+    return None if data is None else list(data["files"])
+
+
+def manifest_kind(directory: str | Path) -> str | None:
+    """The ``kind`` that ``directory/manifest.json`` records (None without a manifest); checked as ``read_manifest``."""
+    data = _read_manifest_data(directory)
+    return None if data is None else data.get("kind")
+
+
+def _read_manifest_data(directory: str | Path) -> dict[str, Any] | None:
     file = Path(directory) / MANIFEST_FILE
     if not file.is_file():
         return None
@@ -172,7 +192,7 @@ def read_manifest(directory: str | Path) -> list[str] | None:
         path = PurePosixPath(name)
         if not name or path.is_absolute() or ".." in path.parts or path.as_posix() != name or "\\" in name:
             raise ValueError(f"{file} lists {name!r}, which is not a plain relative path inside the directory")
-    return list(files)
+    return data
 
 
 def check_writable_dir(out_dir: str | Path) -> list[str] | None:
@@ -208,6 +228,13 @@ def write_dir(out_dir: str | Path, build: Callable[[Path], None], *, kind: str) 
     """
     out_dir = Path(out_dir)
     old = check_writable_dir(out_dir)
+    if old is not None:
+        existing = manifest_kind(out_dir)
+        if existing in ACCUMULATING_KINDS and existing != kind:
+            raise FileExistsError(
+                f"{out_dir} holds chameleon_lite's {existing} output ({out_dir / MANIFEST_FILE}); refusing to replace "
+                f"it with a {kind} directory (nothing was changed). Choose a new or empty directory."
+            )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(6)}"
     tmp.mkdir()  # not mkdtemp: the directory renamed into place keeps the umask's permissions, not 0700
@@ -264,6 +291,85 @@ def _install(tmp: Path, out_dir: Path, files: list[str], old: list[str], kind: s
             except OSError:
                 break
     os.replace(tmp / MANIFEST_FILE, out_dir / MANIFEST_FILE)
+
+
+# ------------------------------------------------------------------------- directories filled file by file
+def _plain_name(name: str) -> str:
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or ".." in path.parts or path.as_posix() != name or "\\" in name:
+        raise ValueError(f"{name!r} is not a plain relative path inside the directory")
+    return name
+
+
+def _listed_of_kind(directory: Path, kind: str) -> set[str]:
+    """The names ``directory``'s manifest lists (empty without one); refused when it records another kind."""
+    data = _read_manifest_data(directory)
+    if data is None:
+        return set()
+    if data.get("kind") != kind:
+        raise FileExistsError(
+            f"{directory / MANIFEST_FILE} says chameleon_lite wrote {directory} as a {data.get('kind')!r} directory, "
+            f"not {kind!r}; refusing to mix them (nothing was changed). Choose another directory."
+        )
+    return set(data["files"])
+
+
+def check_listed(directory: str | Path, names: list[str] | tuple[str, ...], *, kind: str) -> set[str]:
+    """Refuse to write or remove any of ``names`` in ``directory`` that exists and is not listed in its manifest.
+
+    For directories that writers fill one file (or sub-directory) at a time (``ACCUMULATING_KINDS``): each such
+    name is the package's only when ``directory/manifest.json`` (of this ``kind``) lists it. Returns the listed
+    names. Raises ``FileExistsError`` naming the first unlisted existing name (or when ``directory`` is a file or
+    its manifest records another kind), ``ValueError`` for a broken manifest; nothing is changed either way.
+    """
+    directory = Path(directory)
+    if not directory.exists() and not directory.is_symlink():
+        return set()
+    if not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory; refusing to write into it")
+    listed = _listed_of_kind(directory, kind)
+    for name in names:
+        target = directory / _plain_name(name)
+        if (target.exists() or target.is_symlink()) and name not in listed:
+            raise FileExistsError(
+                f"{target} exists, but chameleon_lite did not write it ({directory / MANIFEST_FILE} does not list "
+                "it); refusing to overwrite or delete it (nothing was changed). Move it away, or choose another "
+                "output directory."
+            )
+    return listed
+
+
+def record_files(directory: str | Path, *, add: tuple[str, ...] | list[str] = (),
+                 remove: tuple[str, ...] | list[str] = (), kind: str) -> None:
+    """Add ``add`` to and drop ``remove`` from ``directory/manifest.json`` (created with ``kind`` when absent).
+
+    Call it with ``add`` before a file is moved into place (write-ahead: a file of ours is never unlisted) and
+    with ``remove`` after it is gone. Nothing is written when the list does not change. One writer per directory
+    at a time (the manifest is read, changed and replaced).
+    """
+    directory = Path(directory)
+    listed = _listed_of_kind(directory, kind) if directory.is_dir() else set()
+    new = (listed | {_plain_name(n) for n in add}) - set(remove)
+    if new == listed and ((directory / MANIFEST_FILE).is_file() or not new):
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_manifest(directory, sorted(new), kind)
+
+
+def remove_listed(directory: str | Path, names: list[str] | tuple[str, ...], *, kind: str) -> list[str]:
+    """Delete those of ``names`` that ``directory``'s manifest lists (files the package wrote) and drop them from
+    it; unlisted names are left alone. Returns the names removed from the manifest."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    listed = _listed_of_kind(directory, kind)
+    mine = [n for n in names if n in listed]
+    for name in mine:
+        target = directory / name
+        if target.is_file() or target.is_symlink():
+            target.unlink()
+    record_files(directory, remove=mine, kind=kind)
+    return mine
 
 
 def _write_manifest(directory: Path, files: list[str], kind: str, via: Path | None = None) -> None:

@@ -30,6 +30,7 @@ from chameleon_lite.data.readers import (
     qa_dataset,
 )
 from chameleon_lite.data.shards import write_shards
+from chameleon_lite.safe_io import read_manifest
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -106,7 +107,8 @@ def test_write_then_read_round_trip_is_identical(tmp_path):
     samples = _pairs(10)
     paths = write_shards(samples, tmp_path, prefix="train", max_count=4, progress=False)
     assert [p.name for p in paths] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
-    assert sorted(tmp_path.iterdir()) == paths  # no temporary files left behind
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "manifest.json", *paths]  # no temporary files
+    assert read_manifest(tmp_path) == [p.name for p in paths]  # each shard is listed as the package's
     with tarfile.open(paths[0]) as tar:
         names = tar.getnames()
         raw_json = tar.extractfile("000000.json").read()

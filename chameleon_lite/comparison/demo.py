@@ -61,6 +61,8 @@ def prepare_demo_data(out: str | Path, config: str | Path, *, world: dict[str, A
     from chameleon_lite.bundle import load_bundle
     from chameleon_lite.data.pretokenize import RECORD_FILE, tokenize_shards
     from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
+    from chameleon_lite.data.shards import DATA_KIND
+    from chameleon_lite.safe_io import read_manifest, remove_listed
 
     out = Path(out)
     spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ShapesWorldSpec), world or DEMO_WORLD))
@@ -70,13 +72,13 @@ def prepare_demo_data(out: str | Path, config: str | Path, *, world: dict[str, A
     else:
         print(f"[demo] 1/3 generating the shapes world ({spec.train} train / {spec.val} val / {spec.test} test scenes)")
         write_shapes_world(spec, data, progress=progress)
-        for split in ("train", "val"):
-            (tokens / split / RECORD_FILE).unlink(missing_ok=True)
+        for split in ("train", "val"):  # only a record the package wrote; tokenize_shards refuses any other
+            remove_listed(tokens / split, [RECORD_FILE], kind=DATA_KIND)
     cfg = OmegaConf.load(resolve_path(config, kind="config"))
     bundle_dir = resolve_bundle_path(cfg.data.tokenizer)
     bundle = load_bundle(bundle_dir)
     for split in ("train", "val"):
-        if (tokens / split / RECORD_FILE).is_file():
+        if (tokens / split / RECORD_FILE).is_file() and RECORD_FILE in (read_manifest(tokens / split) or []):
             print(f"[demo] reusing the token shards in {tokens / split}")
             continue
         print(f"[demo] 2/3 pre-tokenizing the {split} split with {bundle_dir}")
@@ -88,13 +90,17 @@ def prepare_demo_data(out: str | Path, config: str | Path, *, world: dict[str, A
 def demo(out: str | Path = "runs/demo", *, config: str = DEMO_CONFIG, overrides: list[str] = (),
          world: dict[str, Any] | None = None, progress: bool = True) -> Path:
     """Run the demo; returns the path of ``report.md``."""
+    from chameleon_lite.comparison.config import load_compare_config
+    from chameleon_lite.comparison.report import check_compare_out
     from chameleon_lite.comparison.run import compare
     from chameleon_lite.lightning_cli import quiet_lightning
 
     out = Path(out)
     started = time.perf_counter()
-    data_overrides = prepare_demo_data(out, config, world=world, progress=progress)
     config_path = resolve_path(config, kind="config")
+    # a report file or seed folder in OUT that the package did not write is refused now, not after the data steps
+    check_compare_out(out, load_compare_config(config_path, list(overrides)).seeds)
+    data_overrides = prepare_demo_data(out, config, world=world, progress=progress)
     print(f"[demo] 3/3 training and comparing both arms ({config_path})")
     with quiet_lightning():  # the demo's own lines and progress bars only, not Lightning's banners per stage
         result = compare(config_path, out, overrides=[*data_overrides, *overrides], progress=progress)

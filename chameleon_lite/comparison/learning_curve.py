@@ -21,6 +21,11 @@ the baseline generates no images) and the training time, and writes
 ``curve.json`` and ``curve.md`` are rewritten after every budget, so a partial curve survives an interruption.
 Resuming: a budget whose directory already holds a finished ``metrics.json`` (``compare`` writes it last) is read
 back instead of retrained; one made with a different configuration is refused rather than mixed into the curve.
+
+``OUT/manifest.json`` (kind ``learning_curve``) lists ``curve.json``, ``curve.md``, ``learning_curve.png`` and the
+``samples-<budget>`` folders (issue 14): a rerun replaces them, and any of these names that ``OUT`` holds but the
+manifest does not list is refused with ``FileExistsError`` before anything is trained (as is a budget folder that
+``compare`` would refuse).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from chameleon_lite.comparison.config import load_compare_config
-from chameleon_lite.comparison.report import CATEGORY_ORDER
+from chameleon_lite.comparison.report import CATEGORY_ORDER, check_compare_out
+from chameleon_lite.safe_io import check_listed, record_files
 
 __all__ = ["MIN_BUDGETS", "check_budgets", "check_overrides", "learning_curve", "plot_learning_curve",
            "write_curve_markdown"]
@@ -335,7 +341,12 @@ def plot_learning_curve(curve: dict[str, Any], path: str | Path) -> Path:
     return _save(figure, path)
 
 
+CURVE_KIND = "learning_curve"  # the manifest kind of OUT
+CURVE_FILES = ("curve.json", "curve.md", "learning_curve.png")
+
+
 def _write(curve: dict[str, Any], out: Path, plot: bool) -> None:
+    record_files(out, add=CURVE_FILES, kind=CURVE_KIND)  # listed before they are written
     curve["files"] = {"json": "curve.json", "markdown": "curve.md"}
     if plot:
         curve["files"]["plot"] = plot_learning_curve(curve, out / "learning_curve.png").name
@@ -361,7 +372,13 @@ def learning_curve(config: str | Path, out: str | Path, budgets: Sequence[int], 
     overrides = check_overrides(overrides)
     config, out = Path(config), Path(out)
     expected = {b: asdict(load_compare_config(config, [*overrides, f"train_samples={b}"])) for b in budgets}
+    folders = [f"samples-{b}" for b in budgets]
+    check_listed(out, [*CURVE_FILES, *folders], kind=CURVE_KIND)  # names the package did not write: refused
+    for b, folder in zip(budgets, folders):
+        if not (out / folder / "metrics.json").is_file():  # to be trained: compare's own check, now
+            check_compare_out(out / folder, expected[b]["seeds"])
     out.mkdir(parents=True, exist_ok=True)
+    record_files(out, add=folders, kind=CURVE_KIND)  # write-ahead, before compare writes into them
     curve: dict[str, Any] = {"name": expected[budgets[0]]["name"], "config": str(config), "overrides": overrides,
                              "budgets": budgets, "created": datetime.now(timezone.utc).isoformat(), "points": []}
     for i, budget in enumerate(budgets, 1):

@@ -3,6 +3,10 @@
 Plots: ``accuracy_per_category.png`` (both arms, ``correct/total`` on each bar, majority-answer chance lines),
 ``loss_curves.png``, ``generated_images.png`` (native text->image samples with the prompt and the parser's
 verdict), ``vq_reconstructions.png`` (real test images beside their VQ reconstructions).
+
+The output directory's ``manifest.json`` (kind ``compare``) lists these files (issue 14): a rerun replaces them
+(and removes a plot of ours that this run does not make), and a file of one of these names that the package did
+not write is refused with ``FileExistsError`` before anything is written.
 """
 
 from __future__ import annotations
@@ -14,8 +18,21 @@ from typing import Any
 from PIL import Image
 
 from chameleon_lite.eval.plots import image_grid_with_captions, plot_accuracy_per_category, plot_loss_curves
+from chameleon_lite.safe_io import check_listed, record_files, remove_listed
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "check_compare_out", "REPORT_FILES", "PLOT_FILES", "COMPARE_KIND"]
+
+COMPARE_KIND = "compare"  # the manifest kind of a comparison's output directory
+PLOT_FILES = ("accuracy_per_category.png", "loss_curves.png", "generated_images.png", "vq_reconstructions.png")
+REPORT_FILES = ("report.md", "metrics.json", *PLOT_FILES)
+"""Every file ``write_report`` may write into the output directory."""
+
+
+def check_compare_out(out: str | Path, seeds: Any) -> None:
+    """Refuse (``FileExistsError``, naming it) an ``out`` holding a report file or a ``seed<N>`` folder that the
+    package did not write there (its ``manifest.json`` does not list it); changes nothing. ``compare`` calls it
+    before anything is trained."""
+    check_listed(out, [*REPORT_FILES, *(f"seed{seed}" for seed in seeds)], kind=COMPARE_KIND)
 
 CATEGORY_ORDER = ("count", "color", "shape", "binding", "spatial", "negation", "existence")
 
@@ -200,9 +217,17 @@ def _world_lines(metrics: dict[str, Any]) -> list[str]:
 
 
 def write_report(metrics: dict[str, Any], examples: dict[str, Any], out: str | Path) -> Path:
-    """Write the plots, ``metrics.json`` and ``report.md`` into ``out``; returns the report's path."""
+    """Write the plots, ``metrics.json`` and ``report.md`` into ``out``; returns the report's path.
+
+    ``FileExistsError`` (nothing written) when ``out`` holds one of ``REPORT_FILES`` that its manifest does not list.
+    """
     out = Path(out)
+    check_listed(out, REPORT_FILES, kind=COMPARE_KIND)
+    out.mkdir(parents=True, exist_ok=True)
+    record_files(out, add=REPORT_FILES, kind=COMPARE_KIND)  # write-ahead; the plots not made are dropped below
     metrics["plots"] = _plots(metrics, examples, out)
+    made = {Path(p).name for p in metrics["plots"].values()}
+    remove_listed(out, [name for name in PLOT_FILES if name not in made], kind=COMPARE_KIND)  # ours, from a rerun
     metrics["examples"] = {"generated": [{k: v for k, v in r.items() if k != "image"}
                                          for r in examples.get("generated", [])[:16]]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str), encoding="utf-8")

@@ -11,11 +11,17 @@ batched VQ encoder. Each output sample is one ``KEY.json`` holding ids and codes
 Codes are raw VQ codes in ``[0, codebook_size)`` (not vocabulary ids): the vocabulary offset is applied when
 sequences are built, so token shards stay valid if control slots are added. ``OUT/tokens.yaml`` records the
 bundle (name, grid, codebook, vocabulary size) so the trainer can refuse shards made with another tokenizer.
+
+``OUT`` is a data directory (issue 14): the shards and ``tokens.yaml`` are listed in ``OUT/manifest.json``, a rerun
+replaces only what that manifest lists, and a ``tokens.yaml`` or ``{pairs,qa,docs}-NNNNNN.tar`` that the package did
+not write is refused with ``FileExistsError`` before anything is tokenized.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,9 +35,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from chameleon_lite.bundle import TokenizerBundle
 from chameleon_lite.data.readers import interleaved_dataset, list_shards, pair_dataset, qa_dataset
-from chameleon_lite.data.shards import write_shards
+from chameleon_lite.data.shards import DATA_KIND, check_shard_names, write_shards
 from chameleon_lite.image_tokenizer import preprocess_images
-from chameleon_lite.safe_io import load_plain_yaml
+from chameleon_lite.safe_io import check_listed, load_plain_yaml, record_files, remove_listed
 
 RECORD_FILE = "tokens.yaml"
 KINDS = ("pair", "qa", "doc")
@@ -162,10 +168,15 @@ def tokenize_shards(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out)
+    groups = shards_by_kind(shards)
+    # refused before any work: a tokens.yaml or shard of ours to replace that the package did not write
+    check_listed(out, [RECORD_FILE], kind=DATA_KIND)
+    for kind in groups:
+        check_shard_names(out, _KIND_PREFIX[kind])
     _check_record(bundle, out)
-    (out / RECORD_FILE).unlink(missing_ok=True)  # the record marks a finished directory: written last
+    remove_listed(out, [RECORD_FILE], kind=DATA_KIND)  # the record marks a finished directory: written last
     total = TokenizeStats()
-    for kind, shard_list in shards_by_kind(shards).items():
+    for kind, shard_list in groups.items():
         stats = _tokenize_kind(bundle, kind, shard_list, out, batch_size, num_workers, shard_size, progress)
         total.samples += stats.samples
         total.images += stats.images
@@ -213,5 +224,12 @@ def _write_record(bundle: TokenizerBundle, out: Path) -> None:
     """Write ``tokens.yaml``; ``tokenize_shards`` does so only once every shard is written, so a directory
     with a record is complete (an interrupted run leaves none, and readers refuse the directory)."""
     out.mkdir(parents=True, exist_ok=True)
+    check_listed(out, [RECORD_FILE], kind=DATA_KIND)  # never over a tokens.yaml the package did not write
     _check_record(bundle, out)
-    OmegaConf.save(OmegaConf.create(token_record(bundle)), out / RECORD_FILE)
+    tmp = out / f".{RECORD_FILE}.tmp-{secrets.token_hex(6)}"
+    try:
+        OmegaConf.save(OmegaConf.create(token_record(bundle)), tmp)
+        record_files(out, add=[RECORD_FILE], kind=DATA_KIND)  # listed before it is in place
+        os.replace(tmp, out / RECORD_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ Output of :func:`write_shapes_world` (and ``chameleon-lite data shapes``)::
     OUT/{split}/pairs-000000.tar        KEY.png, KEY.txt (caption), KEY.json {"scene", "held_out"}
     OUT/{split}/qa-000000.tar           KEY.png, KEY.json {"question", "answer", "category", "pope_type", ...}
     OUT/{split}/docs-000000.tar         KEY.json {"segments": [{"text"}, {"image": "0.png"}, ...]}, KEY.0.png, ...
+    OUT/manifest.json, OUT/{split}/manifest.json   what the package wrote there (``safe_io``; only that is replaced)
 
 Every sample is a pure function of ``(seed, split, index)``: scenes come from the split's seeded stream
 (:mod:`chameleon_lite.data.splits`) and the text about scene ``i`` from ``random.Random(f"{seed}/{split}/{i}")``.
@@ -13,7 +14,9 @@ Every sample is a pure function of ``(seed, split, index)``: scenes come from th
 
 from __future__ import annotations
 
+import os
 import random
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +28,12 @@ from chameleon_lite.data.edits import make_document
 from chameleon_lite.data.language import describe, make_questions
 from chameleon_lite.data.render import render_scene
 from chameleon_lite.data.scenes import Scene, WorldConfig
-from chameleon_lite.data.shards import write_shards
+from chameleon_lite.data.shards import DATA_KIND, check_shard_names, write_shards
 from chameleon_lite.data.splits import DEFAULT_HELD_OUT, SPLITS, CompositionalSplit
-from chameleon_lite.safe_io import load_structured_yaml
+from chameleon_lite.safe_io import check_listed, load_structured_yaml, record_files
 
 KINDS: tuple[str, ...] = ("pairs", "qa", "docs")
+WORLD_FILE = "world.yaml"
 
 
 @dataclass
@@ -103,8 +107,18 @@ def iter_samples(spec: ShapesWorldSpec, split: str, kind: str) -> Iterator[dict[
 
 
 def write_shapes_world(spec: ShapesWorldSpec, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Generate every split and kind into ``out`` and write ``out/world.yaml``; returns the written counts."""
+    """Generate every split and kind into ``out`` and write ``out/world.yaml``; returns the written counts.
+
+    ``out`` and its split folders are data directories (issue 14): what is written is listed in their
+    ``manifest.json`` and a rerun replaces only that; a ``world.yaml`` or ``{pairs,qa,docs}-NNNNNN.tar`` the package
+    did not write is refused with ``FileExistsError`` before anything is generated.
+    """
     out = Path(out)
+    check_listed(out, [WORLD_FILE], kind=DATA_KIND)
+    for split in SPLITS:
+        if getattr(spec, split):
+            for kind in KINDS:
+                check_shard_names(out / split, kind)
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
@@ -135,7 +149,14 @@ def write_shapes_world(spec: ShapesWorldSpec, out: str | Path, *, progress: bool
             if progress:
                 print(f"{split}/{kind}: {written} samples in {len(paths)} shard(s)")
     record = OmegaConf.create({"spec": OmegaConf.structured(spec), "counts": counts})
-    OmegaConf.save(record, out / "world.yaml")
+    check_listed(out, [WORLD_FILE], kind=DATA_KIND)
+    tmp = out / f".{WORLD_FILE}.tmp-{secrets.token_hex(6)}"
+    try:
+        OmegaConf.save(record, tmp)
+        record_files(out, add=[WORLD_FILE], kind=DATA_KIND)  # listed before it is in place
+        os.replace(tmp, out / WORLD_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
     return counts
 
 

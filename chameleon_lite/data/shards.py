@@ -21,6 +21,11 @@ Notable choices:
   members by the text before the first dot: a dotted key silently splits one sample into two.
 - Members named ``__xxx__`` (webdataset metadata such as ``__url__`` on a sample that was read back) are
   not written.
+- Nothing that the package did not write is deleted or overwritten (issue 14): each shard is listed in
+  ``OUT/manifest.json`` (kind ``data``; ``safe_io.record_files``) before it is renamed into place, the manifest
+  accumulates over prefixes (``pairs``, ``qa`` and ``docs`` share a directory), ``overwrite=True`` deletes only the
+  listed ``{prefix}-NNNNNN.tar`` files, and a ``{prefix}-NNNNNN.tar`` that no manifest lists is refused with
+  ``FileExistsError`` before anything is written (``check_shard_names``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -37,7 +43,11 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-__all__ = ["write_shards", "encode_sample", "IMAGE_EXTENSIONS"]
+from chameleon_lite.safe_io import check_listed, record_files, remove_listed
+
+__all__ = ["write_shards", "encode_sample", "check_shard_names", "IMAGE_EXTENSIONS", "DATA_KIND"]
+
+DATA_KIND = "data"  # the manifest kind of data directories: shards and their records (tokens.yaml, world.yaml)
 
 # Image member extensions and the PIL format each is encoded to.
 IMAGE_EXTENSIONS: dict[str, str] = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -152,9 +162,30 @@ def encode_sample(sample: dict[str, Any], jpeg_quality: int = 95) -> dict[str, A
     return encoded
 
 
+def _is_shard_name(name: str, prefix: str) -> bool:
+    """``{prefix}-NNNNNN.tar`` (any number of digits), the names ``write_shards`` gives its shards."""
+    number = name[len(prefix) + 1 : -len(".tar")]
+    return name.startswith(f"{prefix}-") and name.endswith(".tar") and number.isdigit() and number.isascii()
+
+
+def _existing_shards(out_dir: Path, prefix: str) -> list[Path]:
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.iterdir() if _is_shard_name(p.name, prefix))
+
+
+def check_shard_names(out_dir: str | os.PathLike, prefix: str) -> list[Path]:
+    """Refuse (``FileExistsError``, naming it) a ``{prefix}-NNNNNN.tar`` in ``out_dir`` that its manifest does not
+    list, i.e. that the package did not write; returns the existing ``{prefix}-*.tar`` files (all listed)."""
+    out_dir = Path(out_dir)
+    existing = _existing_shards(out_dir, prefix)
+    check_listed(out_dir, [p.name for p in existing], kind=DATA_KIND)
+    return existing
+
+
 class _RotatingTarWriter:
-    """Writes ``{prefix}-{index:06d}.tar`` files of at most ``max_count`` samples, each renamed into place
-    only once complete."""
+    """Writes ``{prefix}-{index:06d}.tar`` files of at most ``max_count`` samples, each listed in the manifest and
+    renamed into place only once complete."""
 
     def __init__(self, out_dir: Path, prefix: str, max_count: int):
         self.out_dir = out_dir
@@ -170,8 +201,9 @@ class _RotatingTarWriter:
         return self.out_dir / f"{self.prefix}-{index:06d}.tar"
 
     def _open(self) -> None:
-        self._tmp_path = self._shard_path(len(self.written)).with_suffix(".tar.tmp")
-        self._file = open(self._tmp_path, "wb")
+        # a hidden, unique name opened exclusively: never a file of someone else's, never picked up by *.tar
+        self._tmp_path = self.out_dir / f".{self._shard_path(len(self.written)).name}.tmp-{secrets.token_hex(6)}"
+        self._file = open(self._tmp_path, "xb")
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=_TAR_MTIME)
         self._count = 0
 
@@ -181,6 +213,11 @@ class _RotatingTarWriter:
         self._tar.close()
         self._file.close()
         final = self._shard_path(len(self.written))
+        if final.exists() or final.is_symlink():  # write_shards removed ours: someone else made this one meanwhile
+            self._tmp_path.unlink()
+            self._tar = self._file = self._tmp_path = None
+            raise FileExistsError(f"{final} appeared while shards were being written; refusing to overwrite it")
+        record_files(self.out_dir, add=[final.name], kind=DATA_KIND)  # listed before it exists: never unlisted
         os.replace(self._tmp_path, final)
         self.written.append(final)
         self._tar = self._file = self._tmp_path = None
@@ -230,7 +267,9 @@ def write_shards(
         total: number of samples for the bar (taken from ``len(samples)`` when available).
         jpeg_quality: quality for ``jpg``/``jpeg`` members given as images.
         overwrite: if False (default) raise when ``{prefix}-*.tar`` files already exist in ``out_dir`` (stale
-            shards from an earlier, larger run would otherwise be read too); if True delete them first.
+            shards from an earlier, larger run would otherwise be read too); if True delete them first. Only
+            shards that ``out_dir/manifest.json`` lists (an earlier ``write_shards`` wrote them) are ever deleted
+            or replaced; each new shard is added to that manifest, which keeps the other prefixes' entries.
 
     Returns:
         The paths written, in order. No file is written for an empty ``samples``.
@@ -238,6 +277,8 @@ def write_shards(
     Raises:
         ValueError: a bad sample (key, member, type) or argument, or existing shards without ``overwrite``.
             The shard being written when the error happens is removed; completed shards stay.
+        FileExistsError: a ``{prefix}-NNNNNN.tar`` in ``out_dir`` that the manifest does not list (the package
+            did not write it), whatever ``overwrite`` says; nothing is written or deleted.
     """
     if not isinstance(max_count, int) or max_count < 1:
         raise ValueError(f"max_count must be a positive int, got {max_count!r}")
@@ -245,14 +286,14 @@ def write_shards(
         raise ValueError(f"prefix must be a non-empty file name prefix without '/', got {prefix!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    existing = sorted(p for p in out_dir.glob(f"{prefix}-*.tar") if p.stem[len(prefix) + 1 :].isdigit())
+    existing = check_shard_names(out_dir, prefix)  # FileExistsError for a shard the package did not write
     if existing and not overwrite:
         raise ValueError(
             f"{len(existing)} shard(s) named {prefix}-*.tar already exist in {out_dir} "
             f"(e.g. {existing[0].name}); pass overwrite=True to replace them"
         )
-    for path in existing:
-        path.unlink()
+    listed = check_listed(out_dir, [], kind=DATA_KIND)
+    remove_listed(out_dir, sorted(n for n in listed if _is_shard_name(n, prefix)), kind=DATA_KIND)
     if total is None and hasattr(samples, "__len__"):
         total = len(samples)  # type: ignore[arg-type]
 
