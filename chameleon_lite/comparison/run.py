@@ -6,7 +6,11 @@
     result["metrics"]["arms"]["native"]["summary"]["qa.overall.accuracy"]   # {"mean", "std", "n"}
 
 Writes ``OUT/metrics.json`` (every number, the config and the package version), ``OUT/report.md`` and the plots
-(see ``chameleon_lite.comparison.report``).
+(see ``chameleon_lite.comparison.report``), and trains into ``OUT/seed<N>/``. ``OUT/manifest.json`` (kind
+``compare``) lists all of these (issue 14): a rerun into the same ``OUT`` replaces them, and any of these names
+that ``OUT`` holds but the manifest does not list (the package did not write it) is refused with
+``FileExistsError`` before anything is trained or written. Other files in ``OUT`` (the demo's ``data/`` and
+``tokens/``, a user's notes) are not touched.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from chameleon_lite.data.readers import pair_dataset
 from chameleon_lite.data.shapes_world import load_world_spec
 from chameleon_lite.eval.understanding import reference_answers_from_shards
 from chameleon_lite.pretrained import ChameleonLite
+from chameleon_lite.safe_io import record_files
 
 __all__ = ["compare", "flatten_numbers", "summarize_seeds"]
 
@@ -112,12 +117,19 @@ def _load(arm: str, model_dir: str) -> Any:
 
 def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: list[str] = (),
             progress: bool = True) -> dict[str, Any]:
-    """Run a comparison; returns ``{"metrics": ..., "report": path}`` and writes everything under ``out``."""
-    from chameleon_lite.comparison.report import write_report
+    """Run a comparison; returns ``{"metrics": ..., "report": path}`` and writes everything under ``out``.
+
+    Raises ``FileExistsError`` before anything is trained when ``out`` holds a file or folder of a name this
+    writes (``report.md``, ``metrics.json``, the plots, ``seed<N>``) that the package did not write there.
+    """
+    from chameleon_lite.comparison.report import COMPARE_KIND, check_compare_out, write_report
 
     cfg = config if isinstance(config, CompareConfig) else load_compare_config(config, overrides)
     out = Path(out)
+    check_compare_out(out, cfg.seeds)
     out.mkdir(parents=True, exist_ok=True)
+    # write-ahead: the seed folders are listed before training writes into them, so an interrupted run can rerun
+    record_files(out, add=[f"seed{seed}" for seed in cfg.seeds], kind=COMPARE_KIND)
     started = time.perf_counter()
     raw = Path(cfg.data.raw)
     world = load_world_spec(raw)
