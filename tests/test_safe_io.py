@@ -207,10 +207,17 @@ def test_a_file_in_place_of_the_directory_is_refused(tmp_path, bundle):
     assert (tmp_path / "model").read_text() == "a file"
 
 
-@pytest.mark.parametrize("name", ["shapes-64", "shapes-48"])
-def test_shipped_bundles_without_a_manifest_still_load(name):
-    assert read_manifest(REPO / "tokenizers" / name) is None
-    assert load_bundle(REPO / "tokenizers" / name, load_image_tokenizer=False).name == name
+@pytest.mark.parametrize("name", ["shapes-64", "shapes-48", "shapes-32"])
+def test_shipped_bundles_list_their_files_and_load_without_a_manifest(tmp_path, name):
+    """Shipped bundles carry the manifest their recipes write (so re-running a recipe replaces them); a bundle made
+    before manifests existed (the same files, no manifest.json) still loads."""
+    shipped = REPO / "tokenizers" / name
+    assert sorted(read_manifest(shipped)) == sorted(p.name for p in shipped.iterdir() if p.name != "manifest.json")
+    old = tmp_path / name
+    shutil.copytree(shipped, old)
+    (old / "manifest.json").unlink()
+    assert read_manifest(old) is None
+    assert load_bundle(old, load_image_tokenizer=False).name == name
 
 
 # ---------------------------------------------------------------------------------------------- untrusted YAML
