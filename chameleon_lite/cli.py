@@ -208,20 +208,22 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from chameleon_lite.comparison.progress import headline_lines
     from chameleon_lite.comparison.run import compare
     from chameleon_lite.lightning_cli import quiet_lightning
 
-    with quiet_lightning():  # the comparison's own lines and progress bars, not Lightning's banners per stage
+    with quiet_lightning():  # the comparison's own lines and progress bar, not Lightning's banners per stage
         result = compare(_recipe(args.config), args.out, overrides=args.set or [], progress=not args.no_progress)
-    print(f"report: {result['report']}")
+    print("\n".join(headline_lines(result["report"], result.get("metrics"))))  # the QA table, then the report's path
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from chameleon_lite.comparison.demo import demo
+    from chameleon_lite.comparison.progress import headline_lines
 
     report = demo(args.out, overrides=args.set or [], progress=not args.no_progress)
-    print(report.read_text(encoding="utf-8").split("## Question answering")[0])
+    print("\n".join(headline_lines(report)))  # the QA table, then the report's path
     return 0
 
 

@@ -97,10 +97,11 @@ def resolve_config_args(args: Sequence[str]) -> list[str]:
     return out
 
 
-def run_lightning_cli(args: Sequence[str], run: bool = True):
+def run_lightning_cli(args: Sequence[str], run: bool = True, callbacks: Sequence[object] = ()):
     """Run LightningCLI on ``args`` (``["fit", "--config", ...]``); with ``run=False`` only parse and instantiate.
 
-    ``--config`` may name a shipped recipe (``resolve_config_args``).
+    ``--config`` may name a shipped recipe (``resolve_config_args``). ``callbacks``: Lightning callbacks (objects)
+    added to the trainer's, after the recipe's (``comparison.progress`` counts a comparison's samples this way).
     """
     import sys
 
@@ -116,6 +117,7 @@ def run_lightning_cli(args: Sequence[str], run: bool = True):
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": list(callbacks)} if callbacks else None,
         args=None if args == sys.argv[1:] else args,  # from the console script: let LightningCLI read sys.argv
         run=run,
     )

@@ -38,11 +38,13 @@ from chameleon_lite.comparison.evaluate import (
     measure_latency,
     vq_ceiling,
 )
+from chameleon_lite.comparison.progress import PipelineProgress, pipeline_samples
 from chameleon_lite.comparison.training import ArmTraining, train_baseline, train_native
 from chameleon_lite.data.parser import parse_scene
 from chameleon_lite.data.readers import pair_dataset
 from chameleon_lite.data.shapes_world import load_world_spec
 from chameleon_lite.eval.understanding import reference_answers_from_shards
+from chameleon_lite.lightning_cli import quiet_lightning
 from chameleon_lite.pretrained import ChameleonLite
 from chameleon_lite.safe_io import record_files
 
@@ -115,6 +117,7 @@ def _load(arm: str, model_dir: str) -> Any:
     return ChameleonLite.from_pretrained(model_dir) if arm == "native" else BaselineVLM.from_pretrained(model_dir)
 
 
+@quiet_lightning()  # quiet from Python too: no Lightning banners per fit (levels restored on return)
 def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: list[str] = (),
             progress: bool = True) -> dict[str, Any]:
     """Run a comparison; returns ``{"metrics": ..., "report": path}`` and writes everything under ``out``.
@@ -144,6 +147,7 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
     examples: dict[str, Any] = {}
     precision = precision_overrides(cfg.precision)
     metrics["precision"] = precision[0].split("=", 1)[1] if precision else "recipe"
+    bar = PipelineProgress(pipeline_samples(cfg), enabled=progress)  # one display: stage, samples, time left
     for seed in cfg.seeds:
         seed_dir = out / f"seed{seed}"
         L.seed_everything(seed, workers=True)
@@ -154,7 +158,7 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
             trained["native"] = train_native(
                 cfg.native.recipe, seed_dir, tokens=cfg.data.tokens, tokenizer=cfg.data.tokenizer,
                 train_samples=cfg.train_samples, seed=seed, extra=[*precision, *cfg.native.overrides],
-                progress=progress)
+                progress=progress, bar=bar, label=f"seed {seed}")
         if cfg.baseline.model_dir:
             trained["baseline"] = None
         else:
@@ -162,15 +166,16 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
             trained["baseline"] = train_baseline(
                 b.encoder_recipe, b.stage1_recipe, b.stage2_recipe, seed_dir, raw=str(raw),
                 tokenizer=cfg.data.tokenizer, train_samples=cfg.train_samples, stage1_fraction=b.stage1_fraction,
-                encoder_samples=b.encoder_samples, seed=seed, progress=progress,
+                encoder_samples=b.encoder_samples, seed=seed, progress=progress, bar=bar, label=f"seed {seed}",
                 extra={"encoder": [*precision, *b.encoder_overrides], "stage1": [*precision, *b.stage1_overrides],
                        "stage2": [*precision, *b.stage2_overrides]})
         decoders = {}
         for arm in ARMS:
+            bar.stage(f"seed {seed} · evaluating {arm}")
             model_dir = getattr(cfg, arm).model_dir or trained[arm].model_dir
             model = _load(arm, model_dir)
             decoders[arm] = asdict(model.decoder.config)
-            result, rows = _evaluate_arm(arm, model, cfg, parse, references, progress)
+            result, rows = _evaluate_arm(arm, model, cfg, parse, references, False)  # the bar is the display
             result["seed"] = seed
             result["model_dir"] = str(model_dir)
             result["training"] = trained[arm].to_dict() if trained[arm] is not None else None
@@ -192,7 +197,9 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
         metrics["arms"][arm]["summary"] = summarize_seeds(
             [{k: v for k, v in r.items() if k not in ("model_dir",)} | {"qa": _qa_numbers(r["qa"])} for r in runs])
     metrics["seconds"] = time.perf_counter() - started
+    bar.stage("writing the report")
     report = write_report(metrics, examples, out)
+    bar.close()
     return {"metrics": metrics, "report": report}
 
 

@@ -10,6 +10,9 @@ overrides for the data, the run directory, the seed and the number of steps:
   just as the native arm's VQ tokenizer was trained beforehand), then stage 1 gets ``stage1_fraction`` of the
   budget and stage 2 the rest, in rows of one sample each.
 
+With ``bar`` (a ``comparison.progress.PipelineProgress``) each fit names its stage on that one bar, advances it
+by the samples of each training batch (counted as above) and shows no Lightning progress bar of its own.
+
 FLOPs follow ``lit_native.flops_per_token`` (6N per token for trained weights plus attention) for the decoder;
 the baseline adds its ViT (2N per patch token when frozen, 6N when trained) and projector (6N per patch token).
 """
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from chameleon_lite.comparison.evaluate import PeakMemory
+from chameleon_lite.comparison.progress import PipelineProgress, spread
 from chameleon_lite.data.shapes_world import load_world_spec
 from chameleon_lite.lightning_cli import run_lightning_cli
 from chameleon_lite.lit_native import flops_per_token
@@ -71,11 +75,11 @@ def _common(run_dir: Path, seed: int, steps: int, progress: bool) -> list[str]:
             f"--model.init_args.seed={seed}", f"--data.init_args.seed={seed}"]
 
 
-def _fit(recipe: str, overrides: list[str]) -> tuple[Any, float, float]:
+def _fit(recipe: str, overrides: list[str], callbacks: list[Any] = ()) -> tuple[Any, float, float]:
     """Run ``fit``; returns the CLI, the wall time and the peak memory (MiB) while it ran."""
     start = time.perf_counter()
     with PeakMemory() as memory:
-        cli = run_lightning_cli(["fit", "--config", recipe, *overrides])
+        cli = run_lightning_cli(["fit", "--config", recipe, *overrides], callbacks=callbacks)
     return cli, time.perf_counter() - start, memory.peak_mb
 
 
@@ -83,10 +87,20 @@ def _val_every(steps: int) -> str:
     return f"--trainer.val_check_interval={max(1, steps // 2)}"
 
 
+def _stage(bar: PipelineProgress | None, name: str) -> None:
+    if bar is not None:
+        bar.stage(name)
+
+
 def train_native(recipe: str, out: Path, *, tokens: str, tokenizer: str, train_samples: int, seed: int,
-                 extra: list[str] = (), progress: bool = True) -> ArmTraining:
-    """Train the native arm from ``recipe`` on ``tokens/{train,val}`` until it has seen ``train_samples`` documents."""
+                 extra: list[str] = (), progress: bool = True, bar: PipelineProgress | None = None,
+                 label: str = "") -> ArmTraining:
+    """Train the native arm from ``recipe`` on ``tokens/{train,val}`` until it has seen ``train_samples`` documents.
+
+    ``bar``: the comparison's progress display (stage ``"<label> · native"``; replaces Lightning's bar).
+    """
     run_dir = out / "native"
+    _stage(bar, f"{label} · native".lstrip(" ·"))
     base = [f"--data.init_args.train_tokens={tokens}/train", f"--data.init_args.val_tokens={tokens}/val",
             f"--data.init_args.tokenizer={tokenizer}", f"--model.init_args.tokenizer={tokenizer}", *extra]
     probe = run_lightning_cli(["--config", recipe, *base, f"--data.init_args.seed={seed}"], run=False)
@@ -95,16 +109,21 @@ def train_native(recipe: str, out: Path, *, tokens: str, tokenizer: str, train_s
     loader = dm.train_dataloader(rank=0, world_size=1)
     packer = dm._packer("train")
     steps, samples, n_tokens = 0, 0, 0
+    per_step: list[int] = []  # samples of each step (the progress bar's increments)
     while samples < train_samples:
+        before = samples
         for epoch, row in loader.rows(steps):
             plan = packer.plan(epoch)
             lo, hi = plan.row_starts[row], plan.row_starts[row + 1]
             samples += int(packer.docs.doc_samples[plan.order[lo:hi]].sum())  # a per-image QA document holds several
             n_tokens += int(packer.docs.doc_len[plan.order[lo:hi]].sum())
+        per_step.append(samples - before)
         steps += 1
-    overrides = [*base, *_common(run_dir, seed, steps, progress), _val_every(steps),
+    overrides = [*base, *_common(run_dir, seed, steps, progress and bar is None), _val_every(steps),
                  f"--trainer.callbacks.init_args.out_dir={run_dir / 'model'}"]
-    cli, seconds, peak = _fit(recipe, overrides)
+    if bar is not None:
+        bar.plan(train_samples, samples)
+    cli, seconds, peak = _fit(recipe, overrides, [bar.callback(per_step)] if bar is not None else [])
     config = cli.model.config
     return ArmTraining(
         model_dir=str(run_dir / "model"), samples_seen=samples, steps=steps, seconds=seconds, tokens=n_tokens,
@@ -133,12 +152,17 @@ def baseline_flops(module: Any, *, rows: int, tokens: int, seq_len: int) -> floa
 
 def train_baseline(encoder_recipe: str, stage1_recipe: str, stage2_recipe: str, out: Path, *, raw: str,
                    tokenizer: str, train_samples: int, stage1_fraction: float, encoder_samples: int, seed: int,
-                   extra: dict[str, list[str]] | None = None, progress: bool = True) -> ArmTraining:
+                   extra: dict[str, list[str]] | None = None, progress: bool = True,
+                   bar: PipelineProgress | None = None, label: str = "") -> ArmTraining:
     """Encoder pretraining, then stage 1 and stage 2 sharing ``train_samples`` (``stage1_fraction`` to stage 1).
 
     When ``raw`` is a shapes world (it holds ``world.yaml``), every stage reads its images at the world's own
     resolution (``--data.init_args.image_size``), whatever the recipes say, as the native arm's tokenizer does.
+    ``bar``: the comparison's progress display (stages ``"<label> · baseline encoder"``, ``... stage 1``,
+    ``... stage 2``; replaces Lightning's bars).
     """
+    prefix = f"{label} · baseline".lstrip(" ·")
+    progress = progress and bar is None
     if not 0.0 <= stage1_fraction < 1.0:
         raise ValueError(f"stage1_fraction={stage1_fraction} must be in [0, 1)")
     extra = extra or {}
@@ -149,14 +173,17 @@ def train_baseline(encoder_recipe: str, stage1_recipe: str, stage2_recipe: str, 
     total_seconds = 0.0
 
     enc_dir = out / "baseline-encoder"
+    _stage(bar, f"{prefix} encoder")
     probe = run_lightning_cli(["--config", encoder_recipe, *data, *extra.get("encoder", [])], run=False)
     enc_batch = probe.datamodule.batch_size
     enc_steps = max(1, math.ceil(encoder_samples / enc_batch))
+    if bar is not None:
+        bar.plan(encoder_samples, enc_steps * enc_batch)
     cli, seconds, _ = _fit(encoder_recipe, [
         *data, f"--data.init_args.train_shards={raw}/train/pairs-*.tar",
         f"--data.init_args.val_shards={raw}/val/pairs-*.tar", *_common(enc_dir, seed, enc_steps, progress),
         _val_every(enc_steps), f"--trainer.callbacks.init_args.out_dir={enc_dir / 'encoder'}",
-        *extra.get("encoder", [])])
+        *extra.get("encoder", [])], [bar.callback([enc_batch] * enc_steps)] if bar is not None else [])
     total_seconds += seconds
     retrieval = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     stages["encoder"] = {"samples": enc_steps * enc_batch, "steps": enc_steps, "seconds": seconds,
@@ -167,6 +194,7 @@ def train_baseline(encoder_recipe: str, stage1_recipe: str, stage2_recipe: str, 
     previous = None
     for stage, recipe, share in (("stage1", stage1_recipe, stage1_fraction), ("stage2", stage2_recipe, None)):
         run_dir = out / f"baseline-{stage}"
+        _stage(bar, f"{prefix} stage {stage[-1]}")
         shards = [f"--data.init_args.train_shards={raw}/train/*.tar", f"--data.init_args.val_shards={raw}/val/*.tar"]
         probe = run_lightning_cli(["--config", recipe, *data, *shards, *extra.get(stage, [])], run=False)
         batch = probe.datamodule.batch_size
@@ -174,11 +202,16 @@ def train_baseline(encoder_recipe: str, stage1_recipe: str, stage2_recipe: str, 
         per_row = probe.datamodule.samples_per_row if getattr(probe.datamodule, "qa_per_image", False) else 1.0
         budget = train_samples * share if share is not None else train_samples - samples_seen
         steps = max(1, math.ceil(budget / (batch * per_row)))
+        n_rows = steps * batch
+        n_samples = int(round(n_rows * per_row))  # exact for one sample per row, the expectation otherwise
+        if bar is not None:  # the bar's total holds this stage's nominal share of the budget
+            bar.plan(train_samples * (share if share is not None else 1.0 - stage1_fraction), n_samples)
         init = ([f"--model.init_args.encoder_init={enc_dir / 'encoder'}"] if stage == "stage1"
                 else [f"--model.init_args.init_from={previous}"])
         cli, seconds, peak = _fit(recipe, [
             *data, *shards, *_common(run_dir, seed, steps, progress), _val_every(steps),
-            f"--trainer.callbacks.init_args.out_dir={run_dir / 'model'}", *init, *extra.get(stage, [])])
+            f"--trainer.callbacks.init_args.out_dir={run_dir / 'model'}", *init, *extra.get(stage, [])],
+            [bar.callback(spread(n_samples, steps))] if bar is not None else [])
         total_seconds += seconds
         module, dm = cli.model, cli.datamodule
         n_visual = module.vlm.visual_tokens
@@ -186,8 +219,6 @@ def train_baseline(encoder_recipe: str, stage1_recipe: str, stage2_recipe: str, 
         groups = [r if isinstance(r, list) else [r] for r in dm.train_rows()]
         row_len = np.mean([2 + sum(len(train_data.prompt[i]) + len(train_data.target[i]) for i in g)
                            for g in groups]) - 1 + n_visual  # expected tokens per row after expansion
-        n_rows = steps * batch
-        n_samples = int(round(n_rows * per_row))  # exact for one sample per row, the expectation otherwise
         n_tokens = int(round(row_len * n_rows))
         flops = baseline_flops(module, rows=n_rows, tokens=n_tokens, seq_len=int(row_len))
         stage_curve = read_loss_curve(run_dir)
