@@ -360,7 +360,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_lightning_cli(argv)
         return 0
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except FileExistsError as err:  # a safe writer refused a directory holding files it did not write
+        raise SystemExit(f"chameleon-lite {argv[0]}: {err}") from err
 
 
 if __name__ == "__main__":

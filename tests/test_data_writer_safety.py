@@ -222,6 +222,23 @@ def test_compare_refuses_a_colliding_name_before_training(tmp_path, fast_compare
     assert _snapshot(out) == before and mine.read_bytes() == USER_BYTES
 
 
+def test_the_cli_reports_a_refusal_in_one_line(tmp_path, fast_compare):
+    """`chameleon-lite compare --out` on a folder with the user's report.md exits with the refusal, no traceback."""
+    from omegaconf import OmegaConf
+
+    from chameleon_lite.cli import main
+
+    config = tmp_path / "compare.yaml"
+    OmegaConf.save(OmegaConf.structured(_config(tmp_path)), config)
+    out = tmp_path / "out"
+    mine = _user_file(out / "report.md")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--config", str(config), "--out", str(out), "--no-progress"])
+    message = str(exit_info.value.code)
+    assert message.startswith("chameleon-lite compare: ") and "report.md" in message and "did not write it" in message
+    assert mine.read_bytes() == USER_BYTES and fast_compare == []
+
+
 def test_compare_records_its_output_and_replaces_it_on_a_rerun(tmp_path, fast_compare):
     from chameleon_lite.comparison.run import compare
 
