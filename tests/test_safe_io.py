@@ -97,6 +97,16 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 # ---------------------------------------------------------------------------------------------- data loss
+def cli_export(bundle, out: Path, tmp: Path) -> None:
+    """`chameleon-lite export --out`; a refusal ends the command in one line (SystemExit naming the command), and the
+    writer's own error is its cause."""
+    try:
+        cli_main(["export", "--ckpt", str(tiny_checkpoint(bundle, tmp)), "--out", str(out)])
+    except SystemExit as exit_:
+        assert str(exit_.code).startswith("chameleon-lite export: ")
+        raise exit_.__cause__ from None
+
+
 WRITERS = {
     "save_pretrained": lambda b, out, tmp: ChameleonLite(
         tiny_decoder(b), b, ModelDirConfig(tokenizer=b.name, decoder=tiny_decoder(b).config)
@@ -105,9 +115,7 @@ WRITERS = {
     "write_model_dir (ExportModelDir)": lambda b, out, tmp: write_model_dir(
         tiny_decoder(b).state_dict(), tiny_decoder(b).config, b, out, trained_steps=1
     ),
-    "cli export --out": lambda b, out, tmp: cli_main(
-        ["export", "--ckpt", str(tiny_checkpoint(b, tmp)), "--out", str(out)]
-    ),
+    "cli export --out": cli_export,
     "export_checkpoint": lambda b, out, tmp: export_checkpoint(tiny_checkpoint(b, tmp), out),
     "write_baseline_dir": lambda b, out, tmp: write_baseline_dir(tiny_baseline(b), b, out),
     "save_bundle": lambda b, out, tmp: save_bundle(b, out),
