@@ -107,16 +107,7 @@ def load_baseline_config(file: str | Path) -> BaselineDirConfig:
 def load_state_into(model: BaselineVLM, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` (all of encoder/projector/decoder) into ``model``; names the first missing, unexpected or
     mis-shaped tensor."""
-    expected = baseline_state_dict(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source}: weights do not match the config (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]})")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, the config implies "
-                             f"{tuple(expected[name].shape)}")
+    _check_shapes(model, state, source)
     model.load_state_dict(state, strict=not model.config.decoder.tie_embeddings)
 
 

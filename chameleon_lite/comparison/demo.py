@@ -59,6 +59,7 @@ def prepare_demo_data(out: str | Path, config: str | Path, *, world: dict[str, A
     ``data.tokenizer``). ``world``: a ``ShapesWorldSpec`` as a dict (default ``DEMO_WORLD``).
     """
     from chameleon_lite.bundle import load_bundle
+    from chameleon_lite.comparison.config import load_compare_config
     from chameleon_lite.data.pretokenize import RECORD_FILE, tokenize_shards
     from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
     from chameleon_lite.data.shards import DATA_KIND
@@ -74,7 +75,7 @@ def prepare_demo_data(out: str | Path, config: str | Path, *, world: dict[str, A
         write_shapes_world(spec, data, progress=progress)
         for split in ("train", "val"):  # only a record the package wrote; tokenize_shards refuses any other
             remove_listed(tokens / split, [RECORD_FILE], kind=DATA_KIND)
-    cfg = OmegaConf.load(resolve_path(config, kind="config"))
+    cfg = load_compare_config(resolve_path(config, kind="config"))  # read as compare reads it: never interpolated
     bundle_dir = resolve_bundle_path(cfg.data.tokenizer)
     bundle = load_bundle(bundle_dir)
     for split in ("train", "val"):
