@@ -13,6 +13,17 @@ from chameleon_lite import __version__
 from chameleon_lite.lightning_cli import LIGHTNING_SUBCOMMANDS, run_lightning_cli
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _bundle(name: str) -> str:
     """A bundle path, or the shipped bundle a name such as ``shapes-64`` or ``tokenizers/shapes-64`` means."""
     from chameleon_lite.shipped import resolve_path
@@ -50,11 +61,23 @@ def _data_shapes(args: argparse.Namespace) -> int:
     from chameleon_lite.data.scenes import WorldConfig
     from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
 
-    world = WorldConfig(image_size=args.image_size, max_objects=args.max_objects, grid=args.grid)
+    given = {name: value for name, value in
+             {"image_size": args.image_size, "grid": args.grid, "max_objects": args.max_objects}.items()
+             if value is not None}  # the rest keep WorldConfig's defaults (64 px, grid 3, 6 objects)
+    if args.demo_world:
+        from chameleon_lite.comparison.demo import DEMO_WORLD
+
+        if given:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+            raise SystemExit(f"chameleon-lite data shapes: --demo-world sets the world (the demo's 32-px, 2x2-grid "
+                             f"world of 1-3 objects); it cannot be combined with {flags}")
+        world = WorldConfig(**DEMO_WORLD["world"])
+    else:
+        world = WorldConfig(**given)
     spec = ShapesWorldSpec(
         train=args.train, val=args.val, test=args.test, seed=args.seed, world=world, shard_size=args.shard_size
     )
-    counts = write_shapes_world(spec, args.out)
+    counts = write_shapes_world(spec, args.out, num_workers=args.num_workers)
     total = sum(sum(c.values()) for c in counts.values())
     print(f"wrote {total} samples to {args.out} (record: {args.out}/world.yaml)")
     return 0
@@ -275,11 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--train", type=int, default=10000, help="training scenes")
     shapes.add_argument("--val", type=int, default=500, help="validation scenes")
     shapes.add_argument("--test", type=int, default=1000, help="test scenes")
-    shapes.add_argument("--image-size", type=int, default=64, help="rendered image side in pixels")
-    shapes.add_argument("--max-objects", type=int, default=6, help="most objects in a scene")
-    shapes.add_argument("--grid", type=int, default=3, help="positions form a grid x grid layout")
+    shapes.add_argument("--image-size", type=int, help="rendered image side in pixels (default 64)")
+    shapes.add_argument("--max-objects", type=int, help="most objects in a scene (default 6)")
+    shapes.add_argument("--grid", type=int, help="positions form a grid x grid layout (default 3)")
+    shapes.add_argument("--demo-world", action="store_true",
+                        help="the world of `chameleon-lite demo` (32 px, 2x2 grid, 1-3 objects, 4 shapes, 4 colours) "
+                             "instead of --image-size/--grid/--max-objects; the counts and seed still come from "
+                             "--train/--val/--test/--seed")
     shapes.add_argument("--shard-size", type=int, default=2000, help="samples per shard")
     shapes.add_argument("--seed", type=int, default=0, help="base seed (splits use disjoint streams of it)")
+    shapes.add_argument("--num-workers", type=_positive_int, default=1,
+                        help="processes rendering the scenes (default 1); the samples are the same for any number")
     shapes.set_defaults(func=_data_shapes)
     ev = sub.add_parser("eval-tokenizer", help="measure a bundle's image tokenizer on image shards")
     ev.add_argument("--tokenizer", required=True, help="bundle directory or shipped bundle name (shapes-64)")

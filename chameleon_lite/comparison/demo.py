@@ -16,6 +16,7 @@ retrains and re-evaluates. Steps 1 and 2 are ``prepare_demo_data`` (also used by
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,19 @@ DEMO_WORLD = {
 green square and yellow star)."""
 
 
+_PARALLEL_FROM = 1000
+"""Scenes from which ``prepare_demo_data`` generates in several processes by default: each process takes about a
+second to start (it imports torch), more than rendering a few hundred scenes takes."""
+
+
+def _cpu_count() -> int:
+    """CPU cores this process may use (its affinity where the platform reports it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on macOS or Windows
+        return os.cpu_count() or 1
+
+
 def _same_world(path: Path, spec) -> bool:
     from chameleon_lite.data.shapes_world import load_world_spec
 
@@ -50,13 +64,15 @@ def _same_world(path: Path, spec) -> bool:
 
 
 def prepare_demo_data(out: str | Path, config: str | Path, *, world: dict[str, Any] | None = None,
-                      progress: bool = True) -> list[str]:
+                      progress: bool = True, num_workers: int | None = None) -> list[str]:
     """The demo's data steps: generate the shapes world into ``OUT/data`` and pre-tokenize its ``train``/``val``
     splits into ``OUT/tokens`` with the tokenizer bundle named by ``config``'s ``data.tokenizer``.
 
     Steps whose output already exists (same world spec, token record present) are reused. Returns the
     ``data.*`` dotlist overrides that point a compare config at this data (``data.raw``, ``data.tokens``,
-    ``data.tokenizer``). ``world``: a ``ShapesWorldSpec`` as a dict (default ``DEMO_WORLD``).
+    ``data.tokenizer``). ``world``: a ``ShapesWorldSpec`` as a dict (default ``DEMO_WORLD``). ``num_workers``:
+    processes generating the world (None: as many as there are CPU cores, at most 4, or 1 for a world of fewer than
+    ``_PARALLEL_FROM`` scenes; the samples are the same for any number); pre-tokenizing uses as many, at least 2.
     """
     from chameleon_lite.bundle import load_bundle
     from chameleon_lite.comparison.config import load_compare_config
@@ -67,12 +83,15 @@ def prepare_demo_data(out: str | Path, config: str | Path, *, world: dict[str, A
 
     out = Path(out)
     spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ShapesWorldSpec), world or DEMO_WORLD))
+    if num_workers is None:
+        small = spec.train + spec.val + spec.test < _PARALLEL_FROM
+        num_workers = 1 if small else min(_cpu_count(), 4)
     data, tokens = out / "data", out / "tokens"
     if _same_world(data, spec):
         print(f"[demo] reusing the shapes world in {data}")
     else:
         print(f"[demo] 1/3 generating the shapes world ({spec.train} train / {spec.val} val / {spec.test} test scenes)")
-        write_shapes_world(spec, data, progress=progress)
+        write_shapes_world(spec, data, progress=progress, num_workers=num_workers)
         for split in ("train", "val"):  # only a record the package wrote; tokenize_shards refuses any other
             remove_listed(tokens / split, [RECORD_FILE], kind=DATA_KIND)
     cfg = load_compare_config(resolve_path(config, kind="config"))  # read as compare reads it: never interpolated
@@ -83,7 +102,8 @@ def prepare_demo_data(out: str | Path, config: str | Path, *, world: dict[str, A
             print(f"[demo] reusing the token shards in {tokens / split}")
             continue
         print(f"[demo] 2/3 pre-tokenizing the {split} split with {bundle_dir}")
-        stats = tokenize_shards(bundle, str(data / split / "*.tar"), tokens / split, progress=progress)
+        stats = tokenize_shards(bundle, str(data / split / "*.tar"), tokens / split, progress=progress,
+                                num_workers=max(2, num_workers))
         print(f"[demo]     {stats.samples} samples, {stats.images_per_second:.0f} images/s")
     return [f"data.raw={data}", f"data.tokens={tokens}", f"data.tokenizer={bundle_dir}"]
 
