@@ -145,3 +145,29 @@ def test_peak_memory_sees_a_transient_allocation():
         time.sleep(0.1)
         del block
     assert busy.peak_mb >= quiet.peak_mb + 40
+
+
+def test_eval_device_is_checked_and_auto_follows_cuda(monkeypatch):
+    from chameleon_lite.comparison.config import EvalSpec
+
+    with pytest.raises(ValueError, match="eval.device='tpu'"):
+        EvalSpec(device="tpu")
+    assert EvalSpec(device="cuda:1").resolved_device() == "cuda:1"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert EvalSpec().resolved_device() == "cpu"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert EvalSpec().resolved_device() == "cuda"
+
+
+def test_shipped_gpu_compare_config_loads_and_matches_the_demo_decoder():
+    """configs/compare/gpu.yaml is the demo's comparison on a GPU: same world data layout, same recipes."""
+    from chameleon_lite.comparison.config import load_compare_config
+
+    gpu, demo = load_compare_config("configs/compare/gpu.yaml"), load_compare_config("configs/compare/demo.yaml")
+    assert gpu.precision == "bf16-mixed" and gpu.seeds == [0, 1, 2]
+    assert gpu.native.recipe == demo.native.recipe and gpu.data.tokenizer == demo.data.tokenizer
+    for recipe in ("encoder_recipe", "stage1_recipe", "stage2_recipe"):
+        assert getattr(gpu.baseline, recipe) == getattr(demo.baseline, recipe)
+    overrides = [*gpu.native.overrides, *gpu.baseline.encoder_overrides, *gpu.baseline.stage1_overrides,
+                 *gpu.baseline.stage2_overrides]
+    assert overrides.count("--trainer.accelerator=gpu") == 4

@@ -51,6 +51,19 @@ class EvalSpec:
     cfg_scale: float = 3.0
     image_temperature: float = 1.0  # sampling temperature of image codes (0 = greedy)
     batch_size: int = 32
+    device: str = "auto"  # where the trained models are evaluated: "auto" = cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"eval.device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")
+
+    def resolved_device(self) -> str:
+        """The device the models are evaluated on (``auto``: ``cuda`` when a GPU is visible, else ``cpu``)."""
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
 
 @dataclass

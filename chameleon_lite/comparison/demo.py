@@ -16,7 +16,6 @@ retrains and re-evaluates. Steps 1 and 2 are ``prepare_demo_data`` (also used by
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -40,19 +39,6 @@ DEMO_WORLD = {
 green square and yellow star)."""
 
 
-_PARALLEL_FROM = 1000
-"""Scenes from which ``prepare_demo_data`` generates in several processes by default: each process takes about a
-second to start (it imports torch), more than rendering a few hundred scenes takes."""
-
-
-def _cpu_count() -> int:
-    """CPU cores this process may use (its affinity where the platform reports it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on macOS or Windows
-        return os.cpu_count() or 1
-
-
 def _same_world(path: Path, spec) -> bool:
     from chameleon_lite.data.shapes_world import load_world_spec
 
@@ -71,8 +57,8 @@ def prepare_demo_data(out: str | Path, config: str | Path, *, world: dict[str, A
     Steps whose output already exists (same world spec, token record present) are reused. Returns the
     ``data.*`` dotlist overrides that point a compare config at this data (``data.raw``, ``data.tokens``,
     ``data.tokenizer``). ``world``: a ``ShapesWorldSpec`` as a dict (default ``DEMO_WORLD``). ``num_workers``:
-    processes generating the world (None: as many as there are CPU cores, at most 4, or 1 for a world of fewer than
-    ``_PARALLEL_FROM`` scenes; the samples are the same for any number); pre-tokenizing uses as many, at least 2.
+    processes generating the world (None: 1, so that the token shards are the same on every machine: their order
+    follows the raw shards' boundaries, which depend on it); pre-tokenizing uses as many, at least 2.
     """
     from chameleon_lite.bundle import load_bundle
     from chameleon_lite.comparison.config import load_compare_config
@@ -84,8 +70,9 @@ def prepare_demo_data(out: str | Path, config: str | Path, *, world: dict[str, A
     out = Path(out)
     spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ShapesWorldSpec), world or DEMO_WORLD))
     if num_workers is None:
-        small = spec.train + spec.val + spec.test < _PARALLEL_FROM
-        num_workers = 1 if small else min(_cpu_count(), 4)
+        # 1: the demo's token shards, and so its training stream and figures, are the same on every machine
+        # (pre-tokenizing interleaves its workers' shards, so its output order follows the raw shard boundaries)
+        num_workers = 1
     data, tokens = out / "data", out / "tokens"
     if _same_world(data, spec):
         print(f"[demo] reusing the shapes world in {data}")

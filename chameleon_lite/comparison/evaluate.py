@@ -119,6 +119,7 @@ def vq_ceiling(bundle: Any, shards: str, parse: Callable[[Image.Image], Any], *,
 
     with torch.inference_mode():
         pixels = preprocess_images([s["image"] for s in samples], tokenizer.config)  # (N, C, H, W)
+        pixels = pixels.to(next(tokenizer.parameters()).device)  # where the model (and its tokenizer) lives
         recon = tokenizer.to_pil(tokenizer.decode(tokenizer.encode(pixels)))
     scores = [score_generation(_intended(s), parse(r), caption=s["text"]) for s, r in zip(samples, recon)]
     return aggregate_generation_scores(scores), [(s["image"], r) for s, r in zip(samples, recon)]

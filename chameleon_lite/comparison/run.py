@@ -113,8 +113,9 @@ def _evaluate_arm(arm: str, model: Any, config: CompareConfig, parse, references
     return result, rows
 
 
-def _load(arm: str, model_dir: str) -> Any:
-    return ChameleonLite.from_pretrained(model_dir) if arm == "native" else BaselineVLM.from_pretrained(model_dir)
+def _load(arm: str, model_dir: str, device: str = "cpu") -> Any:
+    cls = ChameleonLite if arm == "native" else BaselineVLM
+    return cls.from_pretrained(model_dir, device=device)
 
 
 @quiet_lightning()  # quiet from Python too: no Lightning banners per fit (levels restored on return)
@@ -173,7 +174,7 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
         for arm in ARMS:
             bar.stage(f"seed {seed} · evaluating {arm}")
             model_dir = getattr(cfg, arm).model_dir or trained[arm].model_dir
-            model = _load(arm, model_dir)
+            model = _load(arm, model_dir, cfg.eval.resolved_device())
             decoders[arm] = asdict(model.decoder.config)
             result, rows = _evaluate_arm(arm, model, cfg, parse, references, False)  # the bar is the display
             result["seed"] = seed
