@@ -50,6 +50,7 @@ from chameleon_lite.contrastive import (
 )
 from chameleon_lite.lit_native import decoder_param_groups
 from chameleon_lite.model import IGNORE_INDEX, DecoderConfig, next_token_loss
+from chameleon_lite.optimizers import clip_fused_directly, use_fused_adamw
 from chameleon_lite.pretrained import load_decoder, load_model_config, model_dir_kind, resolve_bundle_path
 from chameleon_lite.projectors import ProjectorConfig
 from chameleon_lite.safe_io import check_writable_dir, load_structured_yaml, save_structured_yaml, write_dir
@@ -83,7 +84,8 @@ def _check_same(expected: Any, found: Any, what: str) -> None:
 
 def _optimizer(module: L.LightningModule, params: list[dict[str, Any]]):
     h = module.hparams
-    optimizer = torch.optim.AdamW(params, lr=h.lr, betas=tuple(h.betas))
+    fused = use_fused_adamw(module, [p for group in params for p in group["params"]])
+    optimizer = torch.optim.AdamW(params, lr=h.lr, betas=tuple(h.betas), fused=True if fused else None)
     max_steps = module.trainer.max_steps if module._trainer is not None else -1
     schedule = warmup_cosine(h.warmup_steps, max_steps if max_steps and max_steps > 0 else None, h.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -199,6 +201,11 @@ class ContrastiveEncoderModule(L.LightningModule):
 
     def configure_optimizers(self):
         return _optimizer(self, decoder_param_groups(self.model, self.hparams.weight_decay))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """The trainer's clipping, also for the fused AdamW used on CUDA (``optimizers.clip_fused_directly``)."""
+        if not (gradient_clip_val and clip_fused_directly(self, optimizer, gradient_clip_val, gradient_clip_algorithm)):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 class ExportVisionEncoder(L.Callback):
@@ -378,6 +385,11 @@ class BaselineVLMModule(L.LightningModule):
 
     def configure_optimizers(self):
         return _optimizer(self, decoder_param_groups(self.vlm, self.hparams.weight_decay))  # trainable only
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """The trainer's clipping, also for the fused AdamW used on CUDA (``optimizers.clip_fused_directly``)."""
+        if not (gradient_clip_val and clip_fused_directly(self, optimizer, gradient_clip_val, gradient_clip_algorithm)):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 class ExportBaselineDir(L.Callback):

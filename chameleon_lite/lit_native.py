@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from chameleon_lite.bundle import load_bundle
 from chameleon_lite.model import IGNORE_INDEX, Decoder, DecoderConfig, next_token_loss
+from chameleon_lite.optimizers import clip_fused_directly, use_fused_adamw
 from chameleon_lite.perf import resolve_peak_flops
 from chameleon_lite.pretrained import resolve_bundle_path, write_model_dir
 from chameleon_lite.safe_io import check_writable_dir
@@ -149,6 +150,8 @@ def modality_losses(
 
 
 # ---------------------------------------------------------------------------------------------- the module
+
+
 class NativeLMModule(L.LightningModule):
     """Next-token pretraining of the early-fusion ``Decoder`` on packed text + image-code sequences.
 
@@ -383,6 +386,8 @@ class NativeLMModule(L.LightningModule):
         if root is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
             root.clip_grad_norm_(gradient_clip_val)
             return
+        if gradient_clip_val and clip_fused_directly(self, optimizer, gradient_clip_val, gradient_clip_algorithm):
+            return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _fsdp_root(self) -> nn.Module | None:
@@ -407,12 +412,11 @@ class NativeLMModule(L.LightningModule):
         return max_steps if max_steps and max_steps > 0 else None
 
     def configure_optimizers(self):
-        fused = all(p.device.type == "cuda" for p in self.decoder.parameters())
         optimizer = torch.optim.AdamW(
             decoder_param_groups(self.decoder, self.hparams.weight_decay),
             lr=self.hparams.lr,
             betas=tuple(self.hparams.betas),
-            fused=True if fused else None,
+            fused=True if use_fused_adamw(self, self.decoder.parameters()) else None,
         )
         schedule = warmup_cosine(self.hparams.warmup_steps, self._decay_steps(), self.hparams.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
