@@ -8,13 +8,16 @@
 #   bash benchmarks/gpu_compare.sh data probe full   # everything in one command
 #
 # Parts:
-#   data   the demo world (chameleon-lite data shapes --demo-world) with SCENES training scenes (default 16000),
+#   data   the demo world (chameleon-lite data shapes --demo-world) with SCENES training scenes (default 6000),
 #          500 validation and 1000 test scenes, generated and pre-tokenized with every CPU core, under WORK
 #   probe  configs/compare/gpu.yaml with one seed at PROBE samples per arm (default 100000, the CPU demo's budget),
 #          full evaluation: checks the whole pipeline on CUDA and measures each arm's samples/s and the evaluation's
 #          seconds; prints the largest budget for SEEDS that fits FIT_SECONDS (default 330) of training and
 #          evaluation
-#   full   configs/compare/gpu.yaml at SAMPLES per arm (default: the probe's suggestion) and SEEDS (default [0,1,2])
+#   full   configs/compare/gpu.yaml at SAMPLES per arm (default: the probe's suggestion if a probe ran, else the
+#          config's train_samples) and SEEDS (default [0,1,2])
+# Measured on one H200 (2026-11-30, docs/gpu-compare/README.md): data 112 s for 6,000 scenes (24,000 took 285 s:
+# pre-tokenizing is bound by its main process), `full` at 400,000 samples and one seed 133 s.
 # What comes back under $OUT (at most 8 files): session.log (every part's output), probe-report.md,
 # probe-metrics.json, and the full run's report.md, metrics.json and plots.
 set -uo pipefail
@@ -47,7 +50,7 @@ run() {  # run NAME CMD...: append the output to session.log, report the exit st
 }
 
 data() {
-    "${CLI[@]}" data shapes --demo-world --out "$WORK/data" --train "${SCENES:-16000}" --val 500 --test 1000 \
+    "${CLI[@]}" data shapes --demo-world --out "$WORK/data" --train "${SCENES:-6000}" --val 500 --test 1000 \
         --num-workers "$WORKERS" &&
     for split in train val; do
         "${CLI[@]}" tokenize --tokenizer tokenizers/shapes-32 --shards "$WORK/data/$split/*.tar" \
@@ -89,10 +92,14 @@ for part in "$@"; do
         cp "$WORK/probe/metrics.json" "$OUT/probe-metrics.json"
         run rates rates ;;
     full)
-        samples="${SAMPLES:-$(rates | sed -n 's/^SUGGESTED_SAMPLES=\([0-9]*\).*/\1/p')}"
+        budget=()  # SAMPLES, else the probe's suggestion when a probe ran, else the config's train_samples
+        samples="${SAMPLES:-}"
+        [ -z "$samples" ] && [ -f "$WORK/probe/metrics.json" ] &&
+            samples="$(rates | sed -n 's/^SUGGESTED_SAMPLES=\([0-9]*\).*/\1/p')"
+        [ -n "$samples" ] && budget=(--set "train_samples=$samples")
         rm -rf "$WORK/full"
-        run full "${CLI[@]}" compare --config "$CONFIG" --out "$WORK/full" "${DATA[@]}" \
-            --set "train_samples=$samples" --set "seeds=${SEEDS:-[0,1,2]}" --no-progress
+        run full "${CLI[@]}" compare --config "$CONFIG" --out "$WORK/full" "${DATA[@]}" "${budget[@]}" \
+            --set "seeds=${SEEDS:-[0,1,2]}" --no-progress
         for f in report.md metrics.json accuracy_per_category.png generated_images.png loss_curves.png; do
             cp "$WORK/full/$f" "$OUT/" 2>/dev/null
         done ;;
