@@ -1,0 +1,19 @@
+"""The demo comparison's baseline recipe keeps the pretrained ViT frozen in stage 2.
+
+Unfreezing it at the decoder's learning rate (``--model.init_args.train_encoder=true``) made the baseline
+image-blind on the validation split: the ViT's features collapsed to a large image-independent vector and the
+answers stopped depending on the image at all (see the comment in configs/compare/demo.yaml).
+"""
+
+from pathlib import Path
+
+from chameleon_lite.comparison.config import load_compare_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_compare_keeps_the_vit_frozen_in_stage2():
+    cfg = load_compare_config(str(ROOT / "configs/compare/demo.yaml"))
+    assert not any("train_encoder=true" in o.replace(" ", "").lower() for o in cfg.baseline.stage2_overrides)
+    recipe = (ROOT / cfg.baseline.stage2_recipe).read_text()
+    assert "train_encoder: false" in recipe
