@@ -194,7 +194,7 @@ def fast_compare(monkeypatch):
     monkeypatch.setattr(run, "load_world_spec", lambda raw: calls.append("world") or SimpleNamespace(world=None))
     monkeypatch.setattr(run, "reference_answers_from_shards", lambda pattern: {})
     monkeypatch.setattr(run, "_world_summary", lambda spec, tokenizer: {})
-    monkeypatch.setattr(run, "_load", lambda arm, model_dir: _FakeModel())
+    monkeypatch.setattr(run, "_load", lambda arm, model_dir, device="cpu": _FakeModel())
     monkeypatch.setattr(run, "_evaluate_arm", lambda arm, *a, **k: _arm_result(arm))
     monkeypatch.setattr(run, "precision_overrides", lambda precision: [])
     return calls
