@@ -180,6 +180,21 @@ def write_shapes_world(
     return counts
 
 
+class _Counted:
+    """An iterator over ``samples`` that counts what it yielded (``n``): write_shards' sample count."""
+
+    def __init__(self, samples):
+        self._samples, self.n = iter(samples), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        sample = next(self._samples)
+        self.n += 1
+        return sample
+
+
 def _write_sequential(spec: ShapesWorldSpec, out: Path, progress: bool) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
@@ -189,16 +204,9 @@ def _write_sequential(spec: ShapesWorldSpec, out: Path, progress: bool) -> dict[
             if n == 0:
                 counts[split][kind] = 0
                 continue
-            written = 0
-
-            def counted(samples):
-                nonlocal written
-                for sample in samples:
-                    written += 1
-                    yield sample
-
+            counted = _Counted(iter_samples(spec, split, kind))
             paths = write_shards(
-                counted(iter_samples(spec, split, kind)),
+                counted,
                 out / split,
                 prefix=kind,
                 max_count=spec.shard_size,
@@ -206,9 +214,9 @@ def _write_sequential(spec: ShapesWorldSpec, out: Path, progress: bool) -> dict[
                 total=None if kind == "qa" else n,  # questions per scene vary
                 overwrite=True,
             )
-            counts[split][kind] = written
+            counts[split][kind] = counted.n
             if progress:
-                print(f"{split}/{kind}: {written} samples in {len(paths)} shard(s)")
+                print(f"{split}/{kind}: {counted.n} samples in {len(paths)} shard(s)")
     return counts
 
 
@@ -262,18 +270,11 @@ def _write_chunk(
     the number of samples. ``sampler_state``: the split's sampler pickled at scene ``start`` (by this process's
     parent, never read from disk)."""
     sampler = pickle.loads(sampler_state)
-    written = 0
-
-    def counted(samples):
-        nonlocal written
-        for sample in samples:
-            written += 1
-            yield sample
-
     scenes = _scene_range(sampler, start, start, stop)
-    paths = write_shards(counted(_samples(spec, split, kind, scenes)), folder, prefix=kind,
+    counted = _Counted(_samples(spec, split, kind, scenes))
+    paths = write_shards(counted, folder, prefix=kind,
                          max_count=spec.shard_size, progress=False)
-    return [p.name for p in paths], written
+    return [p.name for p in paths], counted.n
 
 
 def _write_parallel(spec: ShapesWorldSpec, out: Path, progress: bool, num_workers: int) -> dict[str, dict[str, int]]:
