@@ -83,6 +83,30 @@ def _data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_preference_pairs(args: argparse.Namespace) -> int:
+    import json
+
+    from chameleon_lite.data.preference_pairs import build_preference_pairs, write_preference_shards
+
+    answer_fn = None
+    if args.model:
+        from chameleon_lite.comparison.evaluate import answer_questions
+        from chameleon_lite.lit_preference import load_policy
+
+        try:
+            model = load_policy(args.model).eval()
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"--model {args.model}: {err}") from err
+
+        def answer_fn(images, questions):
+            return answer_questions(model, images, questions)
+
+    pairs, summary = build_preference_pairs(args.raw, pairs=args.pairs, seed=args.seed, answer_fn=answer_fn)
+    written = write_preference_shards(pairs, args.out, overwrite=args.overwrite)
+    print(f"{len(pairs)} preference pairs in {len(written)} shard(s) -> {args.out}: {json.dumps(summary)}")
+    return 0
+
+
 def _eval_tokenizer(args: argparse.Namespace) -> int:
     from itertools import islice
 
@@ -310,6 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--num-workers", type=_positive_int, default=1,
                         help="processes rendering the scenes (default 1); the samples are the same for any number")
     shapes.set_defaults(func=_data_shapes)
+    prefs = data.add_parser("preference-pairs",
+                            help="DPO preference pairs from a shapes world's training split (stage 3)")
+    prefs.add_argument("--raw", required=True, help="the world directory (world.yaml, train/)")
+    prefs.add_argument("--out", required=True, help="output directory for prefs-NNNNNN.tar")
+    prefs.add_argument("--pairs", type=_positive_int, default=2000, help="how many pairs (default 2000)")
+    prefs.add_argument("--model", help="a trained model directory of either arm: its wrong greedy answers become the "
+                                       "rejected side of non-yes/no questions (on-policy); without it a wrong answer "
+                                       "is drawn from the category's answers")
+    prefs.add_argument("--seed", type=int, default=0, help="scene order and perturbations")
+    prefs.add_argument("--overwrite", action="store_true", help="replace prefs shards this command wrote before")
+    prefs.set_defaults(func=_data_preference_pairs)
     ev = sub.add_parser("eval-tokenizer", help="measure a bundle's image tokenizer on image shards")
     ev.add_argument("--tokenizer", required=True, help="bundle directory or shipped bundle name (shapes-64)")
     ev.add_argument("--shards", required=True, help="image-caption shards, e.g. 'data/shapes/val/pairs-*.tar'")

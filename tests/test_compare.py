@@ -45,6 +45,8 @@ def _config(toy: Path, path: Path) -> Path:
                      "stage1_overrides": [*VIT, *baseline_decoder, "--data.init_args.batch_size=4", *QUIET],
                      "stage2_overrides": [*VIT, *baseline_decoder, "--data.init_args.batch_size=4", *QUIET]},
         "eval": {"qa_questions": 12, "captions": 4, "text_to_image": 3, "cfg_scale": 2.0, "batch_size": 8},
+        "stage3": {"pairs": 12, "val_pairs": 4, "overrides": ["--data.init_args.batch_size=4",
+                                                               "--trainer.limit_val_batches=1"]},
     }
     OmegaConf.save(OmegaConf.create(config), path)
     return path
@@ -76,6 +78,12 @@ def test_compare_on_a_toy_budget_writes_a_complete_report(toy, tmp_path, monkeyp
         summary = metrics["arms"][arm]["summary"]
         assert summary["qa.overall.accuracy"]["n"] == 1 and summary["qa.overall.accuracy"]["std"] == 0.0
         _check_qa_records_are_the_models_answers(arm, run, toy)
+        s3 = run["stage3"]  # DPO from this arm's model, on 12 pairs of training scenes, then evaluated again
+        assert s3["training"]["pairs_seen"] == 12 and s3["training"]["steps"] == 3
+        assert s3["pairs"]["pairs"] == 16 and sum(s3["pairs"]["by_kind"].values()) == 16
+        assert s3["after"]["qa"]["overall"]["total"] == 12 and "records" not in s3["after"]["qa"]
+        assert "stage3.after.qa.overall.accuracy" in summary
+        assert Path(s3["training"]["model_dir"]).is_dir() and s3["training"]["model_dir"] != run["model_dir"]
     native, baseline = (metrics["arms"][a]["per_seed"][0] for a in ("native", "baseline"))
     assert native["cost"]["visual_tokens_per_image"] == 66  # <boi> + 8x8 codes + <eoi>
     assert baseline["cost"]["visual_tokens_per_image"] == 64  # MLP projector: one token per 8x8 patch
@@ -87,7 +95,7 @@ def test_compare_on_a_toy_budget_writes_a_complete_report(toy, tmp_path, monkeyp
     for name in ("accuracy_per_category.png", "loss_curves.png", "generated_images.png", "vq_reconstructions.png"):
         assert (out / name).stat().st_size > 1000, name
     report = result["report"].read_text()
-    for heading in ("Question answering by category", "POPE", "Captioning", "Text -> image", "Cost"):
+    for heading in ("Question answering by category", "POPE", "Captioning", "Text -> image", "Stage 3", "Cost"):
         assert heading in report
     assert "/12)" in report  # accuracies carry their counts
 

@@ -10,7 +10,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from chameleon_lite.safe_io import load_plain_yaml
 
-__all__ = ["CompareConfig", "DataSpec", "NativeArm", "BaselineArm", "EvalSpec", "load_compare_config"]
+__all__ = ["CompareConfig", "DataSpec", "NativeArm", "BaselineArm", "EvalSpec", "PreferenceStage",
+           "load_compare_config"]
 
 
 @dataclass
@@ -67,6 +68,24 @@ class EvalSpec:
 
 
 @dataclass
+class PreferenceStage:
+    """Optional stage 3 for both arms: DPO (``chameleon_lite.lit_preference``) on preference pairs from the
+    training split (``data.preference_pairs``), each arm from its own trained model, under the same pair budget;
+    the report shows every QA category and POPE before and after."""
+
+    pairs: int = 0  # preference pairs each arm trains on (one epoch); 0 = no stage 3
+    val_pairs: int = 64  # more pairs, held out for the fit's validation reward accuracy (training scenes too)
+    native_recipe: str = "configs/native/dpo_tiny.yaml"
+    baseline_recipe: str = "configs/baseline/dpo_tiny.yaml"
+    on_policy: bool = True  # the arm's own wrong greedy answers are the rejected side of non-yes/no questions
+    overrides: list[str] = field(default_factory=list)  # `fit` arguments for both arms (same beta, lr: fair)
+
+    def __post_init__(self) -> None:
+        if self.pairs < 0 or self.val_pairs < 0:
+            raise ValueError(f"stage3.pairs={self.pairs} and stage3.val_pairs={self.val_pairs} must be >= 0")
+
+
+@dataclass
 class CompareConfig:
     """A comparison: data, the sample budget both arms get, both arms' recipes, the evaluation, the seeds."""
 
@@ -81,6 +100,7 @@ class CompareConfig:
     native: NativeArm = field(default_factory=NativeArm)
     baseline: BaselineArm = field(default_factory=BaselineArm)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    stage3: PreferenceStage = field(default_factory=PreferenceStage)
 
     def __post_init__(self) -> None:
         if self.train_samples != MISSING and self.train_samples < 1:

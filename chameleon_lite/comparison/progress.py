@@ -35,9 +35,11 @@ __all__ = ["PipelineProgress", "SampleProgress", "pipeline_samples", "headline_l
 
 def pipeline_samples(cfg: Any) -> int:
     """Training samples of a comparison: per seed, ``train_samples`` for each arm that is trained plus the
-    baseline's ``encoder_samples`` (an arm loaded from ``model_dir`` trains nothing)."""
+    baseline's ``encoder_samples`` (an arm loaded from ``model_dir`` trains nothing), plus the stage-3 preference
+    pairs of both arms."""
     per_seed = 0 if cfg.native.model_dir else cfg.train_samples
     per_seed += 0 if cfg.baseline.model_dir else cfg.baseline.encoder_samples + cfg.train_samples
+    per_seed += 2 * getattr(getattr(cfg, "stage3", None), "pairs", 0)
     return per_seed * len(cfg.seeds)
 
 

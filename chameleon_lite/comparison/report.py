@@ -12,6 +12,7 @@ not write is refused with ``FileExistsError`` before anything is written.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,51 @@ def _pope_table(metrics: dict[str, Any]) -> list[str]:
         for kind, s in pope.items():
             lines.append(f"| {arm} | {kind} | {_pct(s['precision'])} | {_pct(s['recall'])} | {_pct(s['f1'])} | "
                          f"{_pct(s['yes_rate'])} | {s['total']} |")
+    return lines
+
+
+def _stage3_lines(metrics: dict[str, Any]) -> list[str]:
+    """Before and after stage 3 (DPO) for each arm: every QA category, POPE (all negatives) and captions."""
+    arms = [a for a, d in metrics["arms"].items() if "stage3" in d["per_seed"][0]]
+    if not arms:
+        return []
+    first = {a: metrics["arms"][a]["per_seed"][0] for a in arms}
+    summaries = {a: metrics["arms"][a]["summary"] for a in arms}
+    lines = ["", "## Stage 3: preference tuning (DPO)", ""]
+    for arm in arms:
+        s3 = first[arm]["stage3"]
+        t = s3["training"]
+        lines.append(f"- **{arm}**: {t['pairs_seen']:,} pairs in {t['steps']} steps ({t['seconds']:.0f} s); pairs by "
+                     f"kind {s3['pairs']['by_kind']}, rejected side by source {s3['pairs']['by_source']}; validation "
+                     f"reward accuracy {_pct(t['validation'].get('val/reward_accuracy'))} %.")
+    lines += ["", "| | " + " | ".join(f"{a} before | {a} after" for a in arms) + " |",
+              "|---|" + "---|---|" * len(arms)]
+
+    def row(name: str, key: str, counts=None, scale: float = 100, digits: int = 1) -> None:
+        cells = []
+        for arm in arms:
+            s = summaries[arm]
+            before, after = _mean_std(s, key, scale, digits), _mean_std(s, f"stage3.after.{key}", scale, digits)
+            if counts is not None:
+                b, a = counts(first[arm]["qa"]), counts(first[arm]["stage3"]["after"]["qa"])
+                before, after = f"{before} ({b})", f"{after} ({a})"
+            cells += [before, after]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    def category_counts(q: dict[str, Any], cat: str) -> str:
+        s = q["by_category"].get(cat, {})
+        return f"{s.get('correct', 0)}/{s.get('total', 0)}"
+
+    cats = [c for c in CATEGORY_ORDER if any(c in first[a]["qa"]["by_category"] for a in arms)]
+    for cat in cats:
+        row(f"QA {cat} %", f"qa.by_category.{cat}.accuracy", partial(category_counts, cat=cat))
+    row("**QA all %**", "qa.overall.accuracy", lambda q: f"{q['overall']['correct']}/{q['overall']['total']}")
+    for key, name in (("precision", "precision"), ("recall", "recall"), ("f1", "F1"), ("yes_rate", "yes-rate")):
+        row(f"POPE {name} %", f"qa.pope.all.{key}",
+            (lambda q: f"tp {q['pope']['all']['tp']} fp {q['pope']['all']['fp']} tn {q['pope']['all']['tn']} "
+                       f"fn {q['pope']['all']['fn']}") if key == "yes_rate" else None)
+    row("captions BLEU-4", "captioning.bleu_4")
+    row("captions CIDEr-D", "captioning.cider_d", scale=1, digits=3)
     return lines
 
 
@@ -288,6 +334,7 @@ def write_report(metrics: dict[str, Any], examples: dict[str, Any], out: str | P
         if "reconstructions" in metrics["plots"]:
             lines += ["", "Real test images (top) and their VQ reconstructions (bottom):", "",
                       "![VQ reconstructions](vq_reconstructions.png)"]
+    lines += _stage3_lines(metrics)
     lines += ["", "## Cost", "", *_cost_lines(metrics)]
     if "loss" in metrics["plots"]:
         lines += ["", "![loss curves](loss_curves.png)"]

@@ -20,7 +20,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -113,6 +113,34 @@ def _evaluate_arm(arm: str, model: Any, config: CompareConfig, parse, references
     return result, rows
 
 
+def _preference_stage(arm: str, model: Any, model_dir: str, cfg: CompareConfig, seed_dir: Path, seed: int,
+                      precision: list[str], parse, references, bar: PipelineProgress) -> dict[str, Any]:
+    """Stage 3 of one arm: pairs from the training split (on-policy: this model's wrong answers), DPO from
+    ``model_dir``, then the same evaluation again. Returns the pairs' summary, the training cost and ``after``
+    (QA and captions of the tuned model; text->image is not re-run, DPO trains text responses only)."""
+    from chameleon_lite.comparison.evaluate import answer_questions
+    from chameleon_lite.comparison.training import train_preference
+    from chameleon_lite.data.preference_pairs import PAIRS_PREFIX, build_preference_pairs, write_preference_shards
+
+    s3 = cfg.stage3
+    bar.stage(f"seed {seed} · {arm} preference pairs")
+    answer_fn = (lambda images, questions: answer_questions(model, images, questions)) if s3.on_policy else None
+    pairs, summary = build_preference_pairs(cfg.data.raw, pairs=s3.pairs + s3.val_pairs, seed=seed,
+                                            answer_fn=answer_fn, batch_size=cfg.eval.batch_size)
+    pairs_dir = seed_dir / f"{arm}-dpo" / "pairs"
+    write_preference_shards(pairs, pairs_dir, overwrite=True)
+    recipe = s3.native_recipe if arm == "native" else s3.baseline_recipe
+    training = train_preference(recipe, seed_dir, arm, init_from=model_dir, pairs=s3.pairs, seed=seed,
+                                pairs_glob=str(pairs_dir / f"{PAIRS_PREFIX}-*.tar"),
+                                extra=[*precision, f"--data.init_args.val_pairs={s3.val_pairs}", *s3.overrides],
+                                bar=bar, label=f"seed {seed}")
+    tuned = _load(arm, training["model_dir"], cfg.eval.resolved_device())
+    no_images = replace(cfg, eval=replace(cfg.eval, text_to_image=0))
+    after, _ = _evaluate_arm(arm, tuned, no_images, parse, references, False)
+    return {"pairs": summary, "training": training,
+            "after": {"qa": _qa_numbers(after["qa"]), "captioning": after["captioning"]}}
+
+
 def _load(arm: str, model_dir: str, device: str = "cpu") -> Any:
     cls = ChameleonLite if arm == "native" else BaselineVLM
     return cls.from_pretrained(model_dir, device=device)
@@ -180,6 +208,9 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
             result["seed"] = seed
             result["model_dir"] = str(model_dir)
             result["training"] = trained[arm].to_dict() if trained[arm] is not None else None
+            if cfg.stage3.pairs:
+                result["stage3"] = _preference_stage(arm, model, str(model_dir), cfg, seed_dir, seed, precision,
+                                                     parse, references, bar)
             metrics["arms"][arm]["per_seed"].append(result)
             if arm == "native" and seed == cfg.seeds[0]:
                 examples["generated"] = rows

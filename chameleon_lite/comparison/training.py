@@ -34,7 +34,7 @@ from chameleon_lite.data.shapes_world import load_world_spec
 from chameleon_lite.lightning_cli import run_lightning_cli
 from chameleon_lite.lit_native import flops_per_token
 
-__all__ = ["ArmTraining", "baseline_flops", "train_native", "train_baseline", "read_loss_curve"]
+__all__ = ["ArmTraining", "baseline_flops", "train_native", "train_baseline", "train_preference", "read_loss_curve"]
 
 
 @dataclass
@@ -237,3 +237,31 @@ def train_baseline(encoder_recipe: str, stage1_recipe: str, stage2_recipe: str, 
         model_dir=str(previous), samples_seen=samples_seen, steps=steps_total, seconds=total_seconds,
         tokens=tokens_total, flops=flops_total, samples_per_s=samples_seen / train_seconds,
         tokens_per_s=tokens_total / train_seconds, peak_memory_mb=peak_total, loss_curve=curve, stages=stages)
+
+
+def train_preference(recipe: str, out: Path, arm: str, *, init_from: str, pairs_glob: str, pairs: int, seed: int,
+                     extra: list[str] = (), progress: bool = True, bar: PipelineProgress | None = None,
+                     label: str = "") -> dict[str, Any]:
+    """Stage 3: DPO of the model in ``init_from`` on the pairs in ``pairs_glob`` for one epoch of ``pairs`` pairs
+    (``ceil(pairs / batch_size)`` steps, the same for both arms); writes ``out/<arm>-dpo/model``.
+
+    Returns what it cost and the fit's last validation numbers (``val/reward_accuracy``, ``val/margin``).
+    """
+    run_dir = out / f"{arm}-dpo"
+    _stage(bar, f"{label} · {arm} DPO".lstrip(" ·"))
+    base = [f"--model.init_args.init_from={init_from}", f"--data.init_args.train_pairs={pairs_glob}", *extra]
+    probe = run_lightning_cli(["--config", recipe, *base], run=False)
+    batch = probe.datamodule.hparams.batch_size
+    steps = max(1, math.ceil(pairs / batch))
+    if bar is not None:
+        bar.plan(pairs, steps * batch)
+    cli, seconds, peak = _fit(recipe, [
+        *base, *_common(run_dir, seed, steps, progress and bar is None), f"--trainer.val_check_interval={steps}",
+        f"--trainer.callbacks.init_args.out_dir={run_dir / 'model'}"],
+        [bar.callback([batch] * steps)] if bar is not None else [])
+    n_train = len(cli.datamodule.train)  # fewer than `pairs` when the split has fewer: then several epochs
+    full, rest = divmod(steps, math.ceil(n_train / batch))
+    seen = full * n_train + min(rest * batch, n_train)
+    return {"model_dir": str(run_dir / "model"), "pairs_seen": seen, "steps": steps, "seconds": seconds,
+            "peak_memory_mb": peak, "loss_curve": read_loss_curve(run_dir),
+            "validation": {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}}

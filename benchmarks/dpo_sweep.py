@@ -1,0 +1,89 @@
+"""Stage-3 (DPO) settings swept on the VALIDATION split: for each arm's trained model and each setting, build the
+pairs (on-policy, from the training split), tune, and score QA per category and POPE on validation questions.
+
+    python benchmarks/dpo_sweep.py --raw runs/demo/data --native runs/demo/seed0/native/model \\
+        --baseline runs/demo/seed0/baseline-stage2/model --out runs/dpo-sweep \\
+        --run "lr5e-5:--model.init_args.lr=5e-5" --run "lr2e-4:--model.init_args.lr=2e-4"
+
+Each ``--run NAME:ARGS`` adds ``fit`` overrides to both arms' recipes (``configs/<arm>/dpo_tiny.yaml``); the
+row ``before`` is the model as trained. Prints a markdown table and appends rows to ``OUT/sweep.jsonl``. The
+comparison's test split is never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from pathlib import Path
+
+from chameleon_lite.comparison.evaluate import answer_questions, evaluate_qa
+from chameleon_lite.comparison.run import precision_overrides
+from chameleon_lite.comparison.training import train_preference
+from chameleon_lite.data.preference_pairs import PAIRS_PREFIX, build_preference_pairs, write_preference_shards
+from chameleon_lite.eval.understanding import reference_answers_from_shards
+from chameleon_lite.lit_preference import load_policy
+
+CATEGORIES = ("count", "color", "shape", "binding", "spatial", "negation", "existence")
+
+
+def score(model, raw: Path, questions: int, references) -> dict:
+    qa = evaluate_qa(model, str(raw / "val" / "qa-*.tar"), limit=questions, reference_answers=references,
+                     progress=False)
+    pope = qa["pope"].get("all", {})
+    return {"qa": qa["overall"]["accuracy"], **{c: qa["by_category"].get(c, {}).get("accuracy") for c in CATEGORIES},
+            "pope_f1": pope.get("f1"), "yes_rate": pope.get("yes_rate")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--raw", required=True, help="the world directory (train/, val/, world.yaml)")
+    parser.add_argument("--native", help="the native arm's trained model directory")
+    parser.add_argument("--baseline", help="the baseline arm's trained model directory")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--pairs", type=int, default=2000)
+    parser.add_argument("--questions", type=int, default=400, help="validation questions scored")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run", action="append", default=[], help="NAME:ARGS (fit overrides for both arms)")
+    args = parser.parse_args()
+    raw, out = Path(args.raw), Path(args.out)
+    references = reference_answers_from_shards(str(raw / "train" / "qa-*.tar"))
+    precision = precision_overrides("auto")
+    rows = []
+    for arm, model_dir in (("native", args.native), ("baseline", args.baseline)):
+        if not model_dir:
+            continue
+        model = load_policy(model_dir).eval()
+        rows.append({"arm": arm, "run": "before", **score(model, raw, args.questions, references)})
+        pairs_dir = out / arm / "pairs"
+        started = time.perf_counter()
+        pairs, summary = build_preference_pairs(
+            raw, pairs=args.pairs + 64, seed=args.seed,
+            answer_fn=lambda images, questions: answer_questions(model, images, questions))
+        write_preference_shards(pairs, pairs_dir, overwrite=True)
+        print(f"{arm}: {summary} in {time.perf_counter() - started:.0f} s")
+        for spec in args.run:
+            name, _, extra = spec.partition(":")
+            trained = train_preference(f"configs/{arm}/dpo_tiny.yaml", out / arm / name, arm, init_from=model_dir,
+                                       pairs_glob=str(pairs_dir / f"{PAIRS_PREFIX}-*.tar"), pairs=args.pairs,
+                                       seed=args.seed, extra=[*precision, *shlex.split(extra)], progress=False)
+            tuned = load_policy(trained["model_dir"]).eval()
+            rows.append({"arm": arm, "run": name, "seconds": round(trained["seconds"], 1),
+                         "val_reward_accuracy": trained["validation"].get("val/reward_accuracy"),
+                         **score(tuned, raw, args.questions, references)})
+            print(json.dumps(rows[-1]))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "sweep.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    cols = ["qa", *CATEGORIES, "pope_f1", "yes_rate"]
+    print("| arm | run | " + " | ".join(cols) + " | train s |")
+    print("|---|---|" + "---|" * (len(cols) + 1))
+    for r in rows:
+        cells = ["–" if r.get(c) is None else f"{100 * r[c]:.1f}" for c in cols]
+        print(f"| {r['arm']} | {r['run']} | " + " | ".join(cells) + f" | {r.get('seconds', '')} |")
+
+
+if __name__ == "__main__":
+    main()
