@@ -56,6 +56,7 @@ def main() -> None:
             continue
         model = load_policy(model_dir).eval()
         rows.append({"arm": arm, "run": "before", **score(model, raw, args.questions, references)})
+        print(json.dumps(rows[-1]), flush=True)
         pairs_dir = out / arm / "pairs"
         started = time.perf_counter()
         pairs, summary = build_preference_pairs(
@@ -72,7 +73,7 @@ def main() -> None:
             rows.append({"arm": arm, "run": name, "seconds": round(trained["seconds"], 1),
                          "val_reward_accuracy": trained["validation"].get("val/reward_accuracy"),
                          **score(tuned, raw, args.questions, references)})
-            print(json.dumps(rows[-1]))
+            print(json.dumps(rows[-1]), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "sweep.jsonl", "a") as f:
         for r in rows:

@@ -15,7 +15,10 @@ sums of log-probabilities over the **response tokens only** (the answer or capti
 prompt built by the arm's own generation prompt builder, so DPO sees exactly what ``generate`` will. The loss
 (Rafailov et al. 2023, eq. 7)::
 
-    -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
+    -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))  +  sft_weight * NLL(chosen) per token
+
+The second term (RPO, Pang et al. 2024) keeps the chosen answers likely: plain DPO on these pairs lowered both
+sides and greedy answers drifted to words no pair names ("0" to an existence question; ``docs/dpo.md``).
 
 The baseline's ViT stays frozen (as in its stage 2); its projector and decoder are tuned. The native arm's VQ
 tokenizer is never trained. ``ExportPreferenceModel`` writes the tuned policy as a model directory of its arm.
@@ -41,8 +44,8 @@ from chameleon_lite.optimizers import clip_fused_directly, use_fused_adamw
 from chameleon_lite.safe_io import check_writable_dir
 from chameleon_lite.schedules import warmup_cosine
 
-__all__ = ["dpo_loss", "response_logps", "response_rows", "sequence_logps", "load_policy", "PreferenceModule",
-           "PreferenceDataModule", "ExportPreferenceModel"]
+__all__ = ["dpo_loss", "response_logps", "response_rows", "response_lengths", "sequence_logps", "load_policy",
+           "PreferenceModule", "PreferenceDataModule", "ExportPreferenceModel"]
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
@@ -122,6 +125,12 @@ def sequence_logps(model: Any, rows: dict[str, Tensor]) -> Tensor:
     return response_logps(logits[..., : model.bundle.vocab.size], targets)
 
 
+def response_lengths(rows: dict[str, Tensor]) -> Tensor:
+    """Response tokens per row ``(B,)`` of rows from ``response_rows``."""
+    mask = rows["loss_mask"] if "loss_mask" in rows else rows["targets"] != IGNORE_INDEX  # (B, T)
+    return mask.sum(-1)
+
+
 def load_policy(init_from: str | Path) -> nn.Module:
     """A trained model directory of either arm (``config.yaml``'s ``kind``), on CPU, in train mode."""
     from chameleon_lite.pretrained import model_dir_kind
@@ -145,15 +154,17 @@ class PreferenceModule(L.LightningModule):
         init_from: the model directory to tune (native or baseline).
         beta: DPO temperature (how far the policy may move from the reference; 0.1 in the DPO paper).
         lr, betas, weight_decay, warmup_steps, min_lr_ratio: AdamW, warm-up then cosine decay to ``max_steps``.
+        sft_weight: weight of the chosen responses' per-token negative log-likelihood added to the DPO loss (RPO;
+            0 = plain DPO).
         seed: recorded for reproducibility (the trainer's ``seed_everything`` seeds the run).
     """
 
     def __init__(self, init_from: str, beta: float = 0.1, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.95),
                  weight_decay: float = 0.0, warmup_steps: int = 10, min_lr_ratio: float = 0.1,
-                 seed: int = 0) -> None:
+                 sft_weight: float = 1.0, seed: int = 0) -> None:
         super().__init__()
-        if beta <= 0 or lr <= 0 or weight_decay < 0 or warmup_steps < 0:
-            raise ValueError("need beta > 0, lr > 0, weight_decay >= 0 and warmup_steps >= 0")
+        if beta <= 0 or lr <= 0 or weight_decay < 0 or warmup_steps < 0 or sft_weight < 0:
+            raise ValueError("need beta > 0, lr > 0, weight_decay >= 0, warmup_steps >= 0 and sft_weight >= 0")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
         self.save_hyperparameters()
@@ -189,7 +200,13 @@ class PreferenceModule(L.LightningModule):
         pol = {side: sequence_logps(self.policy, rows[side]) for side in rows}
         out = dpo_loss(pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"], self.hparams.beta)
         loss = out["loss"]
-        self.log_dict({f"{prefix}/loss": loss, f"{prefix}/margin": out["margin"],
+        # the chosen responses' per-token negative log-likelihood (RPO, Pang et al. 2024): without it DPO lowers the
+        # likelihood of both sides and greedy answers drift to tokens no pair names (measured: docs/dpo.md)
+        nll = -(pol["chosen"] / response_lengths(rows["chosen"]).clamp(min=1)).mean()
+        if self.hparams.sft_weight:
+            loss = loss + self.hparams.sft_weight * nll
+        self.log_dict({f"{prefix}/loss": loss, f"{prefix}/dpo_loss": out["loss"], f"{prefix}/chosen_nll": nll.detach(),
+                       f"{prefix}/margin": out["margin"],
                        f"{prefix}/reward_accuracy": out["accuracy"]},
                       prog_bar=prefix == "train", batch_size=len(pairs), on_step=prefix == "train",
                       on_epoch=prefix != "train")

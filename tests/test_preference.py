@@ -20,7 +20,13 @@ from chameleon_lite.data.preference_pairs import (
     write_preference_shards,
 )
 from chameleon_lite.data.scenes import Scene, SceneObject
-from chameleon_lite.lit_preference import dpo_loss, response_logps, response_rows, sequence_logps
+from chameleon_lite.lit_preference import (
+    dpo_loss,
+    response_lengths,
+    response_logps,
+    response_rows,
+    sequence_logps,
+)
 from chameleon_lite.model import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,6 +192,8 @@ def test_rows_score_the_response_after_the_generation_prompt(arm, world, model_d
     expected = sum(len(text.encode(p.chosen)) + 1 for p in pairs)  # the response and its <eos>
     mask = rows["loss_mask"] if arm == "baseline" else rows["targets"] != IGNORE_INDEX
     assert int(mask.sum()) == expected
+    lengths = [len(text.encode(p.chosen)) + 1 for p in pairs]
+    assert response_lengths(rows).tolist() == lengths
     logps = sequence_logps(model, rows)
     assert logps.shape == (len(pairs),) and bool((logps < 0).all())
     # the same logits the arm's own forward gives, one pair at a time (padding changes nothing)
@@ -222,13 +230,14 @@ def test_dpo_fit_moves_the_policy_and_never_the_reference(arm, world, model_dirs
     assert all(torch.equal(policy[k], fresh[k]) for k in fresh if k.startswith(frozen))
     exported = load_policy(out / "model").state_dict()  # the tuned policy, as a model directory of its arm
     assert all(torch.equal(exported[k], policy[k]) for k in moved)
-    metrics = (out / "logs").rglob("metrics.csv")
-    assert "val/reward_accuracy" in next(metrics).read_text()
+    logged = next((out / "logs").rglob("metrics.csv")).read_text()
+    assert "val/reward_accuracy" in logged and "val/chosen_nll" in logged
 
 
 def test_shipped_dpo_recipes_match_between_the_arms():
     native = OmegaConf.load(REPO / "configs/native/dpo_tiny.yaml")
     baseline = OmegaConf.load(REPO / "configs/baseline/dpo_tiny.yaml")
-    for key in ("model.init_args.beta", "model.init_args.lr", "model.init_args.warmup_steps", "trainer.max_steps",
+    for key in ("model.init_args.beta", "model.init_args.lr", "model.init_args.warmup_steps",
+                "model.init_args.sft_weight", "trainer.max_steps",
                 "data.init_args.batch_size", "trainer.gradient_clip_val"):
         assert OmegaConf.select(native, key) == OmegaConf.select(baseline, key), key
