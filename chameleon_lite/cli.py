@@ -83,6 +83,21 @@ def _data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_import(args: argparse.Namespace) -> int:
+    import json
+
+    from chameleon_lite.data.folder_import import import_folder
+
+    try:
+        summary = import_folder(args.images, args.out, captions=args.captions, qa=args.qa, val=args.val,
+                                test=args.test, seed=args.seed, shard_size=args.shard_size, overwrite=args.overwrite)
+    except ValueError as err:
+        raise SystemExit(f"chameleon-lite data import: {err}") from err
+    print(f"pairs {summary.pairs}, questions {summary.questions}, skipped {json.dumps(dict(summary.skipped))} "
+          f"-> {args.out} (details: {args.out}/import.json)")
+    return 0
+
+
 def _data_preference_pairs(args: argparse.Namespace) -> int:
     import json
 
@@ -316,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--list", action="store_true", help="list the shipped tokenizer bundles and recipes")
     info.set_defaults(func=_bundle_info)
 
-    data = sub.add_parser("data", help="generate data sets").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="generate, import or derive data sets")
+    data = data.add_subparsers(dest="data_command", required=True)
     shapes = data.add_parser("shapes", help="write the procedural shapes world to webdataset shards")
     shapes.add_argument("--out", required=True, help="output directory")
     shapes.add_argument("--train", type=int, default=10000, help="training scenes")
@@ -334,6 +350,19 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--num-workers", type=_positive_int, default=1,
                         help="processes rendering the scenes (default 1); the samples are the same for any number")
     shapes.set_defaults(func=_data_shapes)
+    imp = data.add_parser("import", help="a folder of images + captions (CSV/JSONL/sidecar .txt) and optional QA "
+                                         "JSONL -> train/val/test shards in the img2dataset layout")
+    imp.add_argument("--images", required=True, help="the image folder (searched recursively)")
+    imp.add_argument("--out", required=True, help="output directory (OUT/{train,val,test}/pairs-*.tar, qa-*.tar)")
+    imp.add_argument("--captions", help="CSV with 'file' and 'caption' columns, or JSONL of {file, caption}; "
+                                        "default: a .txt beside each image")
+    imp.add_argument("--qa", help="JSONL of {file, question, answer, category}")
+    imp.add_argument("--val", type=float, default=0.05, help="share of images in the validation split")
+    imp.add_argument("--test", type=float, default=0.1, help="share of images in the test split")
+    imp.add_argument("--seed", type=int, default=0, help="the split's seed")
+    imp.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard")
+    imp.add_argument("--overwrite", action="store_true", help="replace shards an earlier import wrote")
+    imp.set_defaults(func=_data_import)
     prefs = data.add_parser("preference-pairs",
                             help="DPO preference pairs from a shapes world's training split (stage 3)")
     prefs.add_argument("--raw", required=True, help="the world directory (world.yaml, train/)")
