@@ -179,3 +179,63 @@ def test_shipped_gpu_compare_config_loads_and_matches_the_demo_decoder():
     overrides = [*gpu.native.overrides, *gpu.baseline.encoder_overrides, *gpu.baseline.stage1_overrides,
                  *gpu.baseline.stage2_overrides]
     assert overrides.count("--trainer.accelerator=gpu") == 4
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """Data from outside the shapes world: random photos with captions and questions, through ``data import``."""
+    import numpy as np
+    from PIL import Image
+
+    from chameleon_lite.data.folder_import import import_folder
+
+    root = tmp_path_factory.mktemp("imported")
+    photos = root / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    colours = ["red", "green", "blue"]
+    with open(photos / "captions.jsonl", "w") as captions, open(photos / "qa.jsonl", "w") as qa:
+        for i in range(48):
+            c = i % 3
+            pixels = np.zeros((40, 48, 3), np.uint8)
+            pixels[..., c] = rng.integers(128, 256, (40, 48))  # non-square: the readers resize it
+            Image.fromarray(pixels).save(photos / f"{i}.png")
+            captions.write(json.dumps({"file": f"{i}.png", "caption": f"a {colours[c]} photo"}) + "\n")
+            qa.write(json.dumps({"file": f"{i}.png", "question": "what colour is it?", "answer": colours[c],
+                                 "category": "color"}) + "\n")
+    import_folder(photos, root / "raw", captions=photos / "captions.jsonl", qa=photos / "qa.jsonl", val=0.15,
+                  test=0.25, progress=False)
+    bundle = load_bundle(BUNDLE)
+    for split in ("train", "val"):
+        tokenize_shards(bundle, str(root / "raw" / split), root / "tokens" / split, num_workers=0, progress=False)
+    return root
+
+
+def test_compare_on_imported_data_without_a_world(imported, tmp_path, monkeypatch):
+    """Issue 17: no world.yaml. Understanding is scored on the imported test questions, captions as usual, and
+    text->image is left out (there is no scene parser for this data) rather than scored by the wrong judge."""
+    from chameleon_lite.comparison.run import compare
+
+    monkeypatch.chdir(REPO)
+    assert not (imported / "raw" / "world.yaml").exists()
+    out = tmp_path / "out"
+    config = _config(imported, tmp_path / "imported.yaml")
+    cfg = OmegaConf.load(config)
+    cfg.stage3.pairs = 0
+    OmegaConf.save(cfg, config)
+    result = compare(config, out, progress=False)
+    metrics = result["metrics"]
+    assert metrics["world"] is None and metrics["data"]["splits"]["test"]["questions"] > 0
+    for arm in ("native", "baseline"):
+        run = metrics["arms"][arm]["per_seed"][0]
+        assert set(run["qa"]["by_category"]) == {"color"} and run["qa"]["overall"]["total"] == 12
+        assert run["qa"]["chance"]["color"]["chance"] > 0 and run["captioning"]["n_samples"] == 4
+        assert "text_to_image" not in run
+    assert "vq_ceiling" not in metrics
+    report = result["report"].read_text()
+    assert "imported data" in report and "Text -> image" not in report
+
+    cfg.stage3.pairs = 8  # preference pairs need a world's scenes: refused before anything is trained
+    OmegaConf.save(cfg, config)
+    with pytest.raises(ValueError, match="world.yaml"):
+        compare(config, tmp_path / "out2", progress=False)

@@ -249,6 +249,15 @@ def _reading(metrics: dict[str, Any]) -> list[str]:
 def _world_lines(metrics: dict[str, Any]) -> list[str]:
     """The data both arms were trained and tested on, in two sentences (empty for older metrics files)."""
     world = metrics.get("world")
+    data = metrics.get("data")
+    if not world and data:
+        n = data["splits"]
+        h, w = data["image_grid"]
+        return [f"**Data.** `{data['raw']}` (no `world.yaml`: imported data): "
+                + ", ".join(f"{s} {n[s]['pairs']:,} image-caption pairs and {n[s]['questions']:,} questions"
+                            for s in ("train", "val", "test"))
+                + f". The native arm sees each image as {h}×{w} codes of the {data['codebook_size']}-code tokenizer "
+                f"`{data['tokenizer']}`. Text→image is not scored: there is no scene parser for this data.", ""]
     if not world:
         return []
     c, n = world["config"], world["splits"]

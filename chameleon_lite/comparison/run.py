@@ -42,7 +42,7 @@ from chameleon_lite.comparison.progress import PipelineProgress, pipeline_sample
 from chameleon_lite.comparison.training import ArmTraining, train_baseline, train_native
 from chameleon_lite.data.parser import parse_scene
 from chameleon_lite.data.readers import pair_dataset
-from chameleon_lite.data.shapes_world import load_world_spec
+from chameleon_lite.data.shapes_world import WORLD_FILE, load_world_spec
 from chameleon_lite.eval.understanding import reference_answers_from_shards
 from chameleon_lite.lightning_cli import quiet_lightning
 from chameleon_lite.pretrained import ChameleonLite
@@ -102,7 +102,7 @@ def _evaluate_arm(arm: str, model: Any, config: CompareConfig, parse, references
     result["captioning"] = evaluate_captions(model, str(test / "pairs-*.tar"), limit=ev.captions,
                                              batch_size=ev.batch_size, progress=progress)
     rows: list[dict[str, Any]] = []
-    if arm == "native" and ev.text_to_image > 0:
+    if arm == "native" and ev.text_to_image > 0 and parse is not None:
         result["text_to_image"], rows = evaluate_text_to_image(
             model, str(test / "pairs-*.tar"), parse, limit=ev.text_to_image, cfg_scale=ev.cfg_scale,
             image_temperature=ev.image_temperature, batch_size=min(ev.batch_size, 16), progress=progress)
@@ -164,14 +164,17 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
     record_files(out, add=[f"seed{seed}" for seed in cfg.seeds], kind=COMPARE_KIND)
     started = time.perf_counter()
     raw = Path(cfg.data.raw)
-    world = load_world_spec(raw)
-    parse = partial(parse_scene, config=world.world)
+    world = load_world_spec(raw) if (raw / WORLD_FILE).is_file() else None  # None: imported data (data import)
+    if world is None:
+        _check_plain_data(raw, cfg)
+    parse = partial(parse_scene, config=world.world) if world is not None else None  # text->image needs a parser
     references = reference_answers_from_shards(str(raw / "train" / "qa-*.tar"))
     metrics: dict[str, Any] = {
         "name": cfg.name, "package_version": _version(), "created": datetime.now(timezone.utc).isoformat(),
         "machine": _machine(), "config": asdict(cfg), "seeds": list(cfg.seeds),
         "budget": {"train_samples": cfg.train_samples}, "arms": {arm: {"per_seed": []} for arm in ARMS},
-        "world": _world_summary(world, cfg.data.tokenizer),
+        "world": _world_summary(world, cfg.data.tokenizer) if world is not None else None,
+        "data": None if world is not None else _data_summary(raw, cfg.data.tokenizer),
     }
     examples: dict[str, Any] = {}
     precision = precision_overrides(cfg.precision)
@@ -214,7 +217,7 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
             metrics["arms"][arm]["per_seed"].append(result)
             if arm == "native" and seed == cfg.seeds[0]:
                 examples["generated"] = rows
-                if model.bundle.image_tokenizer is not None:
+                if model.bundle.image_tokenizer is not None and parse is not None:
                     metrics["vq_ceiling"], examples["reconstructions"] = vq_ceiling(
                         model.bundle, str(raw / "test" / "pairs-*.tar"), parse, limit=cfg.eval.text_to_image)
             del model
@@ -233,6 +236,40 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
     report = write_report(metrics, examples, out)
     bar.close()
     return {"metrics": metrics, "report": report}
+
+
+def _check_plain_data(raw: Path, cfg: CompareConfig) -> None:
+    """Data without ``world.yaml`` (``chameleon-lite data import``): understanding is scored on the test split's QA
+    shards, so train and test need some; stage 3 needs a world's scenes. ``ValueError`` naming what is missing."""
+    from chameleon_lite.data.readers import list_shards
+
+    for split in ("train", "test"):
+        try:
+            list_shards(str(raw / split / "qa-*.tar"))
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"{raw} has no world.yaml, so compare scores understanding on its QA shards, but "
+                             f"{raw / split} has no qa-*.tar (import questions with: chameleon-lite data import "
+                             f"--qa FILE): {err}") from err
+    if cfg.stage3.pairs:
+        raise ValueError(f"stage3.pairs={cfg.stage3.pairs}: preference pairs are built from a shapes world's scenes "
+                         f"and {raw} has no world.yaml")
+
+
+def _data_summary(raw: Path, tokenizer: str) -> dict[str, Any]:
+    """What imported data is (no world.yaml): samples per split and kind, and the tokenizer's code grid."""
+    from chameleon_lite.bundle import load_bundle
+    from chameleon_lite.data.readers import pair_dataset, qa_dataset
+    from chameleon_lite.pretrained import resolve_bundle_path
+
+    counts = {}
+    for split in ("train", "val", "test"):
+        counts[split] = {"pairs": sum(1 for _ in pair_dataset(str(raw / split / "pairs-*.tar")))
+                         if any((raw / split).glob("pairs-*.tar")) else 0,
+                         "questions": sum(1 for _ in qa_dataset(str(raw / split / "qa-*.tar")))
+                         if any((raw / split).glob("qa-*.tar")) else 0}
+    bundle = load_bundle(resolve_bundle_path(tokenizer), load_image_tokenizer=False)
+    return {"raw": str(raw), "splits": counts, "tokenizer": bundle.name, "image_grid": list(bundle.image_grid),
+            "codebook_size": bundle.vocab.codebook_size}
 
 
 def _world_summary(spec: Any, tokenizer: str) -> dict[str, Any]:
