@@ -98,6 +98,19 @@ def _data_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_fashion_mnist(args: argparse.Namespace) -> int:
+    from chameleon_lite.data.fashion_mnist import write_fashion_mnist_folder
+
+    try:
+        counts = write_fashion_mnist_folder(args.src, args.out, train=args.train, test=args.test, seed=args.seed)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        raise SystemExit(f"chameleon-lite data fashion-mnist: {err}") from err
+    print(f"{counts} images with captions.jsonl and qa.jsonl in {args.out}; next: chameleon-lite data import "
+          f"--images {args.out} --captions {args.out}/captions.jsonl --qa {args.out}/qa.jsonl --test 0 --out DIR "
+          "(--test 0: the test split is Fashion-MNIST's own)")
+    return 0
+
+
 def _data_preference_pairs(args: argparse.Namespace) -> int:
     import json
 
@@ -363,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard")
     imp.add_argument("--overwrite", action="store_true", help="replace shards an earlier import wrote")
     imp.set_defaults(func=_data_import)
+    fm = data.add_parser("fashion-mnist", help="Fashion-MNIST's IDX files (Debian: dataset-fashion-mnist) -> a folder "
+                                              "of PNGs with captions.jsonl and qa.jsonl for data import")
+    fm.add_argument("--src", default="/usr/share/datasets/fashion-mnist", help="the directory of the 4 IDX files")
+    fm.add_argument("--out", required=True, help="a new folder")
+    fm.add_argument("--train", type=_positive_int, help="the first N training images (default all 60,000)")
+    fm.add_argument("--test", type=_positive_int, help="the first N test images (default all 10,000)")
+    fm.add_argument("--seed", type=int, default=0, help="caption templates and existence questions")
+    fm.set_defaults(func=_data_fashion_mnist)
     prefs = data.add_parser("preference-pairs",
                             help="DPO preference pairs from a shapes world's training split (stage 3)")
     prefs.add_argument("--raw", required=True, help="the world directory (world.yaml, train/)")

@@ -9,13 +9,16 @@ img2dataset layout every reader of this package takes (``chameleon-lite data imp
 
 Captions come from one of:
 
-- a CSV with a header naming ``file`` and ``caption`` columns (extra columns are kept in the sample's json);
+- a CSV with a header naming ``file`` and ``caption`` columns (extra columns are kept in the sample's json; a
+  ``split`` column, when present and not empty, puts the image in that split instead of the hashed one: an official
+  test split stays the test split);
 - a JSONL file of ``{"file": ..., "caption": ...}`` objects;
 - sidecar text files: ``cat.jpg`` is captioned by ``cat.txt`` beside it (``captions=None``).
 
 Questions (optional) are JSONL objects ``{"file", "question", "answer", "category"}`` (``category`` may be
-omitted: ``""``); they go to ``qa-*.tar`` of the split their image falls in, so a test image's questions are never
-trained on.
+omitted: ``""``; other fields such as ``pope_type`` are kept in the sample's json); they go to ``qa-*.tar`` of
+the split their image falls in, so a test image's questions are never trained on. A JSONL captions record may
+carry ``split`` too.
 
 Notable choices:
 
@@ -175,8 +178,12 @@ def import_folder(images: str | os.PathLike, out: str | os.PathLike, *, captions
             if txt.is_file():
                 rows.append((rel, txt.read_text(encoding="utf-8", errors="replace"), {}, str(txt)))
     caption_of: dict[str, tuple[str, dict[str, Any]]] = {}
+    forced: dict[str, str] = {}  # a "split" field in the captions file overrides the hash (an official test split)
     for file, caption, extra, where in rows:
         rel = Path(file).as_posix().lstrip("./") if file else ""
+        split = extra.pop("split", None)
+        if split not in (None, "", *SPLITS):
+            raise ValueError(f"{where}: split={split!r} must be one of {SPLITS} (or absent)")
         if rel not in files:
             summary.skip("caption_for_missing_file", where)
         elif not caption.strip():
@@ -185,6 +192,8 @@ def import_folder(images: str | os.PathLike, out: str | os.PathLike, *, captions
             summary.skip("duplicate_caption", where)
         else:
             caption_of[rel] = (caption.strip(), extra)
+            if split:
+                forced[rel] = split
     for rel in files:
         if rel not in caption_of:
             summary.skip("image_without_caption", rel)
@@ -207,16 +216,17 @@ def import_folder(images: str | os.PathLike, out: str | os.PathLike, *, captions
         if image is None:
             continue
         ext, data = image
-        split = _split_of(rel, seed, val, test)
+        split = forced.get(rel) or _split_of(rel, seed, val, test)
         key = f"{split}-{i:07d}"
         caption, extra = caption_of[rel]
         meta = {"source": rel, "split": split, **({"extra": extra} if extra else {})}
         members[split]["pairs"].append({"__key__": key, ext: data, "txt": caption, "json": meta})
         summary.pairs[split] += 1
         for q, (record, _) in enumerate(questions.get(rel, [])):
-            qmeta = {"question": record["question"].strip(), "answer": record["answer"].strip(),
+            extra_q = {k: v for k, v in record.items() if k not in ("file", "question", "answer", "category")}
+            qmeta = {**extra_q, "question": record["question"].strip(), "answer": record["answer"].strip(),
                      "category": str(record.get("category", "")), "source": rel, "split": split,
-                     "scene_key": key}
+                     "scene_key": key}  # extra fields (e.g. pope_type) kept; these keys are the import's
             members[split]["qa"].append({"__key__": f"{key}-q{q}", ext: data, "json": qmeta})
             summary.questions[split] += 1
     if not any(summary.pairs.values()):
