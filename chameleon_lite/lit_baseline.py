@@ -4,7 +4,9 @@ Three recipes (``configs/baseline/``), each ``chameleon-lite fit --config ...``:
 
 1. ``ContrastiveEncoderModule``: the ViT learns from image-caption pairs with a small text tower (SigLIP's
    sigmoid loss, or CLIP's softmax loss). Validation logs zero-shot retrieval ``val/r1_i2t`` (image -> caption
-   R@1; identical captions count as correct) and ``val/r1_t2i``. ``ExportVisionEncoder`` writes the ViT.
+   R@1; identical captions count as correct) and ``val/r1_t2i``. ``ExportVisionEncoder`` writes the ViT;
+   ``ExportContrastiveScorer`` writes the whole model (both towers, heads, logit scale/bias) as the scorer of
+   ``eval.r_precision`` (text -> image R-precision).
 2. ``BaselineVLMModule(stage=1)``: encoder and decoder frozen, the projector learns from captions.
 3. ``BaselineVLMModule(stage=2)``: decoder unfrozen (and the encoder with ``train_encoder=True``), captions + QA.
 
@@ -48,6 +50,7 @@ from chameleon_lite.contrastive import (
     TextEncoderConfig,
     retrieval_recall_at_k,
 )
+from chameleon_lite.eval.r_precision import write_scorer_dir
 from chameleon_lite.lit_native import decoder_param_groups
 from chameleon_lite.model import IGNORE_INDEX, DecoderConfig, next_token_loss
 from chameleon_lite.optimizers import clip_fused_directly, use_fused_adamw
@@ -61,6 +64,7 @@ __all__ = [
     "ContrastiveEncoderModule",
     "BaselineVLMModule",
     "ExportVisionEncoder",
+    "ExportContrastiveScorer",
     "ExportBaselineDir",
     "load_vision_encoder",
 ]
@@ -234,6 +238,34 @@ class ExportVisionEncoder(L.Callback):
 
         write_dir(self.out_dir, build, kind="vision_encoder")
         rank_zero_info(f"vision encoder written to {self.out_dir}")
+
+
+class ExportContrastiveScorer(L.Callback):
+    """Write the whole trained contrastive model as a scorer directory to ``out_dir`` when ``fit`` ends.
+
+    The directory (``eval.r_precision.write_scorer_dir``; read by ``eval.r_precision.load_scorer``) holds
+    ``model.safetensors`` (vision and text towers, heads, ``logit_scale`` and, for SigLIP, ``logit_bias``),
+    ``config.yaml`` (vit / text / contrastive configs, image size, the tokenizer bundle's name and the path it was
+    trained with) and ``tokenizer/`` (the bundle's text part). ``out_dir`` must be absent, empty or written before
+    (``safe_io.write_dir``: files it did not write stay); checked when fit starts.
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.written: Path | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_writable_dir(self.out_dir)  # refused before training, not after
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not isinstance(pl_module, ContrastiveEncoderModule):
+            raise ValueError(f"ExportContrastiveScorer exports a ContrastiveEncoderModule, got "
+                             f"{type(pl_module).__name__}")
+        if not trainer.is_global_zero:
+            return
+        self.written = write_scorer_dir(pl_module.model, pl_module.hparams.tokenizer, self.out_dir,
+                                        trained_steps=trainer.global_step)
+        rank_zero_info(f"contrastive scorer written to {self.written}")
 
 
 # ---------------------------------------------------------------------------------------------- VLM
