@@ -213,7 +213,7 @@ def imported(tmp_path_factory):
 
 def test_compare_on_imported_data_without_a_world(imported, tmp_path, monkeypatch):
     """Issue 17: no world.yaml. Understanding is scored on the imported test questions, captions as usual, and
-    text->image is left out (there is no scene parser for this data) rather than scored by the wrong judge."""
+    text->image by R-precision with the contrastive model of the baseline's ViT pretraining (no scene parser)."""
     from chameleon_lite.comparison.run import compare
 
     monkeypatch.chdir(REPO)
@@ -230,10 +230,21 @@ def test_compare_on_imported_data_without_a_world(imported, tmp_path, monkeypatc
         run = metrics["arms"][arm]["per_seed"][0]
         assert set(run["qa"]["by_category"]) == {"color"} and run["qa"]["overall"]["total"] == 12
         assert run["qa"]["chance"]["color"]["chance"] > 0 and run["captioning"]["n_samples"] == 4
-        assert "text_to_image" not in run
-    assert "vq_ceiling" not in metrics
+    t2i = metrics["arms"]["native"]["per_seed"][0]["text_to_image"]
+    assert t2i["scorer"] == "r_precision" and t2i["r"] == 3  # three distinct test captions: r is capped
+    for name in ("generated", "real", "vq_reconstruction"):
+        assert t2i[name]["n"] == 3 and 0 <= t2i[name]["r_precision"] <= 1
+    assert "text_to_image" not in metrics["arms"]["baseline"]["per_seed"][0] and "vq_ceiling" not in metrics
+    scorer = metrics["arms"]["baseline"]["per_seed"][0]["training"]["stages"]["encoder"]["scorer_dir"]
+    assert (Path(scorer) / "model.safetensors").is_file()
     report = result["report"].read_text()
-    assert "imported data" in report and "Text -> image" not in report
+    assert "imported data" in report and "scored by R-precision" in report and "scored by the scene" not in report
+
+    cfg.eval.text_to_image_scorer = "parser"  # no world to parse: refused before anything is trained
+    OmegaConf.save(cfg, config)
+    with pytest.raises(ValueError, match="parser needs a shapes world"):
+        compare(config, tmp_path / "out3", progress=False)
+    cfg.eval.text_to_image_scorer = "auto"
 
     cfg.stage3.pairs = 8  # preference pairs need a world's scenes: refused before anything is trained
     OmegaConf.save(cfg, config)

@@ -38,7 +38,7 @@ def test_hand_checked_r_precision():
     images = t([1, 0], [1, 0.1], [-1, 0.2], [2, 2])
     for seed in range(5):  # every draw is forced: the result cannot depend on the seed
         out = r_precision(images, own, pool, own_keys=own_keys, pool_keys=keys, r=3, seed=seed)
-        assert out == {"r_precision": 0.5, "hits": 2, "n": 4, "r": 3}
+        assert out == {"r_precision": 0.5, "hits": 2, "n": 4, "r": 3, "per_image": [True, False, True, False]}
     # r=2: one distractor drawn from two; image 0 beats both b and c, image 1 loses to a but beats c
     out = r_precision(images[:1], own[:1], pool, own_keys=["a"], pool_keys=keys, r=2, seed=0)
     assert out["hits"] == 1
@@ -192,7 +192,7 @@ def test_export_reload_and_score(trained, tmp_path):
     # R-precision of the training images against their own captions, the whole training set as the pool
     pool = [samples.answers[i] for i in samples.indices("caption").tolist()]
     result = score_text_to_image(scorer, images, captions, pool, r=20, seed=0)
-    assert set(result) == {"r_precision", "hits", "n", "r"}
+    assert set(result) == {"r_precision", "hits", "n", "r", "per_image"}
     assert result["n"] == 40 and result["r"] == 20 and 0 <= result["hits"] <= 40
     assert 0.0 <= result["r_precision"] <= 1.0 and result["r_precision"] == result["hits"] / 40
     assert score_text_to_image(scorer, images, captions, pool, r=20, seed=0) == result  # seeded

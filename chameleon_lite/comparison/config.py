@@ -53,10 +53,23 @@ class EvalSpec:
     image_temperature: float = 1.0  # sampling temperature of image codes (0 = greedy)
     batch_size: int = 32
     device: str = "auto"  # where the trained models are evaluated: "auto" = cuda when available, else cpu
+    # how generated images are judged: "parser" (a shapes world's scene parser, GenEval-style), "r_precision" (a
+    # contrastive image-text model trained on the same training data: does the image retrieve its own caption among
+    # r), or "auto" (the parser when data.raw holds a world.yaml, else r_precision)
+    text_to_image_scorer: str = "auto"
+    r_precision_r: int = 100  # captions ranked per image (capped at the distinct captions of the test split)
+    r_precision_key: str | None = None  # a json field of the pairs that groups captions (e.g. "extra.label"): a
+    #                                     caption of the same group is never a distractor; None = the caption text
+    scorer_dir: str | None = None  # a trained scorer (ExportContrastiveScorer); None = the baseline's ViT pretraining
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"eval.device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")
+        if self.text_to_image_scorer not in ("auto", "parser", "r_precision"):
+            raise ValueError(f"eval.text_to_image_scorer={self.text_to_image_scorer!r} must be 'auto', 'parser' or "
+                             "'r_precision'")
+        if self.r_precision_r < 2:
+            raise ValueError(f"eval.r_precision_r={self.r_precision_r} must be >= 2")
 
     def resolved_device(self) -> str:
         """The device the models are evaluated on (``auto``: ``cuda`` when a GPU is visible, else ``cpu``)."""

@@ -7,6 +7,7 @@ shards, text-to-image from any (caption, intended scene) pairs plus a parser. No
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -28,7 +29,8 @@ from chameleon_lite.eval.captioning import caption_scores
 from chameleon_lite.eval.generation_scores import aggregate_generation_scores, score_generation, verdict
 from chameleon_lite.eval.understanding import evaluate_qa_shards, summarize_qa
 
-__all__ = ["answer_questions", "evaluate_qa", "evaluate_captions", "evaluate_text_to_image", "measure_latency",
+__all__ = ["answer_questions", "evaluate_qa", "evaluate_captions", "evaluate_text_to_image",
+           "evaluate_text_to_image_retrieval", "measure_latency",
            "peak_memory_mb", "PeakMemory", "vq_ceiling"]
 
 logger = logging.getLogger(__name__)
@@ -108,6 +110,75 @@ def evaluate_text_to_image(model: Any, shards: str, parse: Callable[[Image.Image
             rows.append({"caption": sample["text"].strip(), "verdict": verdict(score), "image": images[0],
                          "passed": bool(score.all_correct)})
     return aggregate_generation_scores(scores), rows
+
+
+def _group_key(sample: dict[str, Any], key: str | None) -> Any:
+    """The caption's own text, or the value of a dotted json field (``"extra.label"``) that groups captions."""
+    if key is None:
+        return sample["text"].strip()
+    value: Any = sample["meta"]
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ValueError(f"pair {sample['key']!r} has no json field {key!r} (eval.r_precision_key)")
+        value = value[part]
+    return json.dumps(value, sort_keys=True)
+
+
+def evaluate_text_to_image_retrieval(model: Any, shards: str, scorer: Any, *, limit: int, r: int,
+                                     key: str | None = None, cfg_scale: float, image_temperature: float = 1.0,
+                                     seed: int = 0, batch_size: int = 16, progress: bool = True
+                                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Text->image scored by R-precision (``eval.r_precision``) where no scene parser can judge the images.
+
+    The first ``limit`` test captions become images; each is ranked against ``r - 1`` captions of other groups
+    (``key``: the caption text, or a json field such as a class label) from the whole test split by ``scorer`` (a
+    contrastive image-text model trained on the training data). The same score for the real test images and for
+    their VQ reconstructions is the ceiling. ``r`` is capped at the number of distinct groups. Returns the scores
+    (``generated``, ``real``, ``vq_reconstruction``) and per-sample rows for the example grid.
+    """
+    from chameleon_lite.eval.r_precision import r_precision
+
+    pool = list(pair_dataset(shards))
+    samples = pool[:limit]
+    if not samples:
+        raise ValueError(f"no image-caption pairs in {shards!r}")
+    pool_keys = [_group_key(s, key) for s in pool]
+    first = {k: i for i, k in reversed(list(enumerate(pool_keys)))}  # one caption per group: its first
+    groups = sorted(first.values())
+    r = min(r, len(groups))
+    if r < 2:
+        raise ValueError(f"R-precision needs at least 2 distinct caption groups in {shards!r}, found {len(groups)}")
+    images: list[Image.Image] = []
+    for b, batch in enumerate(tqdm(list(_batched(samples, batch_size)), desc="text->image", disable=not progress)):
+        outputs = model.generate([[s["text"].strip()] for s in batch], mode="image", cfg_scale=cfg_scale,
+                                 image_temperature=image_temperature, seed=seed + b)
+        for sample, out in zip(batch, outputs):
+            found = [x for x in out if isinstance(x, Image.Image)]
+            if not found:
+                raise RuntimeError(f"image mode returned no image for caption {sample['text']!r}")
+            images.append(found[0])
+    own_keys = pool_keys[: len(samples)]
+    own_emb = scorer.embed_texts([s["text"].strip() for s in samples])  # (N, E)
+    pool_emb = scorer.embed_texts([pool[i]["text"].strip() for i in groups])  # (G, E)
+    group_keys = [pool_keys[i] for i in groups]
+    tokenizer = model.bundle.image_tokenizer
+    with torch.inference_mode():
+        from chameleon_lite.image_preprocessing import preprocess_images
+
+        pixels = preprocess_images([s["image"] for s in samples], tokenizer.config)  # (N, C, H, W)
+        pixels = pixels.to(next(tokenizer.parameters()).device)
+        recon = tokenizer.to_pil(tokenizer.decode(tokenizer.encode(pixels)))
+    scores = {}
+    for name, pictures in (("generated", images), ("real", [s["image"] for s in samples]),
+                           ("vq_reconstruction", recon)):
+        scores[name] = r_precision(scorer.embed_images(pictures), own_emb, pool_emb, own_keys=own_keys,
+                                   pool_keys=group_keys, r=r, seed=seed)
+    hits = scores["generated"]["per_image"]
+    rows = [{"caption": s["text"].strip(), "verdict": "retrieves its caption" if h else f"not first of {r}",
+             "image": im, "passed": bool(h)} for s, im, h in zip(samples, images, hits)]
+    result = {"scorer": "r_precision", "r": r, "key": key or "caption",
+              **{name: {k: v for k, v in s.items() if k != "per_image"} for name, s in scores.items()}}
+    return result, rows
 
 
 def vq_ceiling(bundle: Any, shards: str, parse: Callable[[Image.Image], Any], *, limit: int

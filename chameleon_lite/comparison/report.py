@@ -257,7 +257,8 @@ def _world_lines(metrics: dict[str, Any]) -> list[str]:
                 + ", ".join(f"{s} {n[s]['pairs']:,} image-caption pairs and {n[s]['questions']:,} questions"
                             for s in ("train", "val", "test"))
                 + f". The native arm sees each image as {h}×{w} codes of the {data['codebook_size']}-code tokenizer "
-                f"`{data['tokenizer']}`. Text→image is not scored: there is no scene parser for this data.", ""]
+                f"`{data['tokenizer']}`. There is no scene parser for this data: text→image, when evaluated, is "
+                "scored by R-precision.", ""]
     if not world:
         return []
     c, n = world["config"], world["splits"]
@@ -329,7 +330,20 @@ def write_report(metrics: dict[str, Any], examples: dict[str, Any], out: str | P
         lines.append(f"| {arm} | {_mean_std(s, 'captioning.bleu_4', 100)} | {_mean_std(s, 'captioning.cider_d', 1, 3)}"
                      f" | {c['n_samples']} |")
     t2i = metrics["arms"].get("native", {}).get("per_seed", [{}])[0].get("text_to_image")
-    if t2i:
+    if t2i and t2i.get("scorer") == "r_precision":
+        s = metrics["arms"]["native"]["summary"]
+        lines += ["", "## Text -> image (native only), scored by R-precision", "",
+                  f"A contrastive image-text model trained on the training pairs (the baseline's ViT pretraining, "
+                  f"outside the budget) ranks each image's own caption against {t2i['r'] - 1} captions of other "
+                  f"groups (grouped by {t2i['key']}); chance is {100 / t2i['r']:.1f} %.", "",
+                  "| images | R-precision | n |", "|---|---|---|"]
+        for name, label in (("generated", "generated from the caption"), ("vq_reconstruction",
+                            "VQ reconstructions of the real images (ceiling)"), ("real", "real test images")):
+            lines.append(f"| {label} | {_mean_std(s, f'text_to_image.{name}.r_precision', 100)} % "
+                         f"({t2i[name]['hits']}/{t2i[name]['n']}) | {t2i[name]['n']} |")
+        if "generated" in metrics["plots"]:
+            lines += ["", "![generated images](generated_images.png)"]
+    elif t2i:
         ceiling = metrics.get("vq_ceiling", {})
         lines += ["", "## Text -> image (native only), scored by the scene parser", "",
                   "| metric | generated | VQ reconstruction ceiling |", "|---|---|---|"]

@@ -35,6 +35,7 @@ from chameleon_lite.comparison.evaluate import (
     evaluate_captions,
     evaluate_qa,
     evaluate_text_to_image,
+    evaluate_text_to_image_retrieval,
     measure_latency,
     vq_ceiling,
 )
@@ -92,8 +93,24 @@ def _version() -> str:
         return "unknown"
 
 
-def _evaluate_arm(arm: str, model: Any, config: CompareConfig, parse, references, progress: bool
-                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _text_to_image_judge(cfg: CompareConfig, has_world: bool) -> str | None:
+    """How generated images are scored (``eval.text_to_image_scorer``); None when text->image is not evaluated.
+    ``ValueError`` before anything is trained when the choice cannot work with this data and config."""
+    ev = cfg.eval
+    if ev.text_to_image <= 0:
+        return None
+    judge = ev.text_to_image_scorer if ev.text_to_image_scorer != "auto" else (
+        "parser" if has_world else "r_precision")
+    if judge == "parser" and not has_world:
+        raise ValueError(f"eval.text_to_image_scorer=parser needs a shapes world (world.yaml in {cfg.data.raw})")
+    if judge == "r_precision" and ev.scorer_dir is None and cfg.baseline.model_dir:
+        raise ValueError("text->image by R-precision needs eval.scorer_dir, or a baseline trained here (its ViT "
+                         "pretraining exports the scorer); baseline.model_dir is set and eval.scorer_dir is not")
+    return judge
+
+
+def _evaluate_arm(arm: str, model: Any, config: CompareConfig, parse, references, progress: bool,
+                  scorer: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     raw, ev = Path(config.data.raw), config.eval
     test = raw / "test"
     result: dict[str, Any] = {}
@@ -102,7 +119,12 @@ def _evaluate_arm(arm: str, model: Any, config: CompareConfig, parse, references
     result["captioning"] = evaluate_captions(model, str(test / "pairs-*.tar"), limit=ev.captions,
                                              batch_size=ev.batch_size, progress=progress)
     rows: list[dict[str, Any]] = []
-    if arm == "native" and ev.text_to_image > 0 and parse is not None:
+    if arm == "native" and ev.text_to_image > 0 and scorer is not None:
+        result["text_to_image"], rows = evaluate_text_to_image_retrieval(
+            model, str(test / "pairs-*.tar"), scorer, limit=ev.text_to_image, r=ev.r_precision_r,
+            key=ev.r_precision_key, cfg_scale=ev.cfg_scale, image_temperature=ev.image_temperature,
+            batch_size=min(ev.batch_size, 16), progress=progress)
+    elif arm == "native" and ev.text_to_image > 0 and parse is not None:
         result["text_to_image"], rows = evaluate_text_to_image(
             model, str(test / "pairs-*.tar"), parse, limit=ev.text_to_image, cfg_scale=ev.cfg_scale,
             image_temperature=ev.image_temperature, batch_size=min(ev.batch_size, 16), progress=progress)
@@ -168,6 +190,7 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
     if world is None:
         _check_plain_data(raw, cfg)
     parse = partial(parse_scene, config=world.world) if world is not None else None  # text->image needs a parser
+    judge = _text_to_image_judge(cfg, world is not None)  # "parser", "r_precision" or None (not scored)
     references = reference_answers_from_shards(str(raw / "train" / "qa-*.tar"))
     metrics: dict[str, Any] = {
         "name": cfg.name, "package_version": _version(), "created": datetime.now(timezone.utc).isoformat(),
@@ -199,6 +222,7 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
                 b.encoder_recipe, b.stage1_recipe, b.stage2_recipe, seed_dir, raw=str(raw),
                 tokenizer=cfg.data.tokenizer, train_samples=cfg.train_samples, stage1_fraction=b.stage1_fraction,
                 encoder_samples=b.encoder_samples, seed=seed, progress=progress, bar=bar, label=f"seed {seed}",
+                export_scorer=judge == "r_precision" and cfg.eval.scorer_dir is None,
                 extra={"encoder": [*precision, *b.encoder_overrides], "stage1": [*precision, *b.stage1_overrides],
                        "stage2": [*precision, *b.stage2_overrides]})
         decoders = {}
@@ -207,7 +231,13 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
             model_dir = getattr(cfg, arm).model_dir or trained[arm].model_dir
             model = _load(arm, model_dir, cfg.eval.resolved_device())
             decoders[arm] = asdict(model.decoder.config)
-            result, rows = _evaluate_arm(arm, model, cfg, parse, references, False)  # the bar is the display
+            scorer = None
+            if arm == "native" and judge == "r_precision":
+                from chameleon_lite.eval.r_precision import load_scorer
+
+                scorer = load_scorer(cfg.eval.scorer_dir or trained["baseline"].stages["encoder"]["scorer_dir"],
+                                     device=cfg.eval.resolved_device())
+            result, rows = _evaluate_arm(arm, model, cfg, parse, references, False, scorer)  # the bar is the display
             result["seed"] = seed
             result["model_dir"] = str(model_dir)
             result["training"] = trained[arm].to_dict() if trained[arm] is not None else None

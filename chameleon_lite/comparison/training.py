@@ -153,13 +153,15 @@ def baseline_flops(module: Any, *, rows: int, tokens: int, seq_len: int) -> floa
 def train_baseline(encoder_recipe: str, stage1_recipe: str, stage2_recipe: str, out: Path, *, raw: str,
                    tokenizer: str, train_samples: int, stage1_fraction: float, encoder_samples: int, seed: int,
                    extra: dict[str, list[str]] | None = None, progress: bool = True,
-                   bar: PipelineProgress | None = None, label: str = "") -> ArmTraining:
+                   bar: PipelineProgress | None = None, label: str = "", export_scorer: bool = False) -> ArmTraining:
     """Encoder pretraining, then stage 1 and stage 2 sharing ``train_samples`` (``stage1_fraction`` to stage 1).
 
     When ``raw`` is a shapes world (it holds ``world.yaml``), every stage reads its images at the world's own
     resolution (``--data.init_args.image_size``), whatever the recipes say, as the native arm's tokenizer does.
     ``bar``: the comparison's progress display (stages ``"<label> · baseline encoder"``, ``... stage 1``,
-    ``... stage 2``; replaces Lightning's bars).
+    ``... stage 2``; replaces Lightning's bars). ``export_scorer``: also write the whole contrastive model of the
+    ViT's pretraining to ``out/baseline-encoder/scorer`` (the text->image R-precision judge;
+    ``stages["encoder"]["scorer_dir"]``).
     """
     prefix = f"{label} · baseline".lstrip(" ·")
     progress = progress and bar is None
@@ -179,15 +181,21 @@ def train_baseline(encoder_recipe: str, stage1_recipe: str, stage2_recipe: str, 
     enc_steps = max(1, math.ceil(encoder_samples / enc_batch))
     if bar is not None:
         bar.plan(encoder_samples, enc_steps * enc_batch)
+    callbacks = [bar.callback([enc_batch] * enc_steps)] if bar is not None else []
+    if export_scorer:
+        from chameleon_lite.lit_baseline import ExportContrastiveScorer
+
+        callbacks.append(ExportContrastiveScorer(str(enc_dir / "scorer")))
     cli, seconds, _ = _fit(encoder_recipe, [
         *data, f"--data.init_args.train_shards={raw}/train/pairs-*.tar",
         f"--data.init_args.val_shards={raw}/val/pairs-*.tar", *_common(enc_dir, seed, enc_steps, progress),
         _val_every(enc_steps), f"--trainer.callbacks.init_args.out_dir={enc_dir / 'encoder'}",
-        *extra.get("encoder", [])], [bar.callback([enc_batch] * enc_steps)] if bar is not None else [])
+        *extra.get("encoder", [])], callbacks)
     total_seconds += seconds
     retrieval = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     stages["encoder"] = {"samples": enc_steps * enc_batch, "steps": enc_steps, "seconds": seconds,
-                         "validation": retrieval, "charged_to_budget": False}
+                         "validation": retrieval, "charged_to_budget": False,
+                         **({"scorer_dir": str(enc_dir / "scorer")} if export_scorer else {})}
 
     samples_seen, steps_total, tokens_total, flops_total, peak_total = 0, 0, 0, 0.0, 0.0
     curve: list[tuple[int, float]] = []

@@ -371,7 +371,7 @@ def r_precision(
     Embeddings need not be normalised.
 
     Returns:
-        ``{"r_precision": hits / n, "hits": int, "n": N, "r": r}``.
+        ``{"r_precision": hits / n, "hits": int, "n": N, "r": r, "per_image": [bool] * N}`` (which images hit).
 
     Raises:
         ValueError: shapes disagree (or are empty), embeddings are not finite, ``r < 2``, or the pool holds fewer
@@ -424,13 +424,14 @@ def r_precision(
         pool = F.normalize(pool_text_emb.detach().float().cpu()[rows], dim=-1)  # (P, E)
         own_sim = (img * own).sum(dim=-1)  # (N,)
         index = torch.from_numpy(draws)  # (N, r-1)
-        hits = 0
+        hit = torch.zeros(N, dtype=torch.bool)  # (N,)
         for start in range(0, N, _SIM_CHUNK):
             stop = min(start + _SIM_CHUNK, N)
             sims = img[start:stop] @ pool.T  # (c, P)
             best_other = sims.gather(1, index[start:stop]).max(dim=1).values  # (c,)
-            hits += int((own_sim[start:stop] > best_other).sum())
-    return {"r_precision": hits / N, "hits": hits, "n": N, "r": r}
+            hit[start:stop] = own_sim[start:stop] > best_other
+    hits = int(hit.sum())
+    return {"r_precision": hits / N, "hits": hits, "n": N, "r": r, "per_image": hit.tolist()}
 
 
 def score_text_to_image(
