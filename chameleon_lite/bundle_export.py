@@ -142,6 +142,7 @@ def bundle_readme(bundle: TokenizerBundle, quality: dict, command: str = "") -> 
     if command:
         lines += ["## Recipe", "", "```bash", command, "```", ""]
     lines += ["## Measured quality", "", "```", format_report(quality), "```", ""]
-    lines += ["Originals (top) and reconstructions (bottom); green: the scene parser reads the same objects.", ""]
+    judged = "; green: the scene parser reads the same objects" if "parser_agreement" in quality else ""
+    lines += [f"Originals (top) and reconstructions (bottom){judged}.", ""]
     lines += [f"![reconstructions]({GRID_FILE})", ""]
     return "\n".join(lines)
