@@ -191,7 +191,7 @@ def fast_compare(monkeypatch):
     import chameleon_lite.comparison.run as run
 
     calls = []
-    monkeypatch.setattr(run, "load_world_spec", lambda raw: calls.append("world") or SimpleNamespace(world=None))
+    monkeypatch.setattr(run, "_load_world", lambda raw: calls.append("world") or SimpleNamespace(world=None))
     monkeypatch.setattr(run, "reference_answers_from_shards", lambda pattern: {})
     monkeypatch.setattr(run, "_world_summary", lambda spec, tokenizer: {})
     monkeypatch.setattr(run, "_load", lambda arm, model_dir, device="cpu": _FakeModel())

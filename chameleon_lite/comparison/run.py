@@ -186,7 +186,7 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
     record_files(out, add=[f"seed{seed}" for seed in cfg.seeds], kind=COMPARE_KIND)
     started = time.perf_counter()
     raw = Path(cfg.data.raw)
-    world = load_world_spec(raw) if (raw / WORLD_FILE).is_file() else None  # None: imported data (data import)
+    world = _load_world(raw)  # None: imported data (data import)
     if world is None:
         _check_plain_data(raw, cfg)
     parse = partial(parse_scene, config=world.world) if world is not None else None  # text->image needs a parser
@@ -266,6 +266,11 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
     report = write_report(metrics, examples, out)
     bar.close()
     return {"metrics": metrics, "report": report}
+
+
+def _load_world(raw: Path) -> Any:
+    """The shapes world's spec when ``raw`` holds a ``world.yaml``, else None (data from ``data import``)."""
+    return load_world_spec(raw) if (raw / WORLD_FILE).is_file() else None
 
 
 def _check_plain_data(raw: Path, cfg: CompareConfig) -> None:
