@@ -168,8 +168,15 @@ class PreferenceModule(L.LightningModule):
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio}")
         self.save_hyperparameters()
-        self.policy = load_policy(init_from)
-        self.reference = load_policy(init_from).eval().requires_grad_(False)  # the same weights, never updated
+        self.policy: nn.Module | None = None  # loaded in configure_model: a recipe parses without its model dir
+        self.reference: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        """Load the policy and its frozen reference (the same weights, never updated) from ``init_from``."""
+        if self.policy is not None:
+            return
+        self.policy = load_policy(self.hparams.init_from)
+        self.reference = load_policy(self.hparams.init_from).eval().requires_grad_(False)
         for module in self._frozen_parts():
             module.requires_grad_(False)
 
@@ -185,6 +192,8 @@ class PreferenceModule(L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
+        if self.reference is None:
+            return self
         self.reference.eval()  # the reference never leaves eval mode
         for module in self._frozen_parts():
             module.eval()
