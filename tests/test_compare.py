@@ -239,6 +239,9 @@ def test_compare_on_imported_data_without_a_world(imported, tmp_path, monkeypatc
     assert (Path(scorer) / "model.safetensors").is_file()
     report = result["report"].read_text()
     assert "imported data" in report and "scored by R-precision" in report and "scored by the scene" not in report
+    from chameleon_lite.comparison.progress import headline_lines
+
+    assert any("R-precision" in line for line in headline_lines(result["report"]))  # what the CLI prints at the end
 
     cfg.eval.text_to_image_scorer = "parser"  # no world to parse: refused before anything is trained
     OmegaConf.save(cfg, config)

@@ -128,7 +128,11 @@ def headline_lines(report: str | Path, metrics: dict[str, Any] | None = None) ->
     lines = [f"Question answering accuracy (seeds {seeds}; counts of seed {seeds[0]}; chance: the majority answer):",
              *_qa_table(metrics)]
     t2i = metrics["arms"].get("native", {}).get("per_seed", [{}])[0].get("text_to_image")
-    if t2i:
+    if t2i and t2i.get("scorer") == "r_precision":
+        g, c = t2i["generated"], t2i["vq_reconstruction"]
+        lines.append(f"Text->image (native): R-precision {_pct(g['r_precision'])} % of {g['n']} generated images "
+                     f"(own caption first of {t2i['r']}; VQ reconstructions {_pct(c['r_precision'])} %)")
+    elif t2i:
         ceiling = (metrics.get("vq_ceiling") or {}).get("all_correct", {})
         line = (f"Text->image (native): {_pct(t2i['all_correct'].get('mean'))} % of "
                 f"{t2i['all_correct'].get('count', 0)} generated images all correct by the scene parser")
