@@ -283,12 +283,16 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from chameleon_lite.comparison.config import CompareConfigError
     from chameleon_lite.comparison.progress import headline_lines
     from chameleon_lite.comparison.run import compare
     from chameleon_lite.lightning_cli import quiet_lightning
 
-    with quiet_lightning():  # the comparison's own lines and progress bar, not Lightning's banners per stage
-        result = compare(_recipe(args.config), args.out, overrides=args.set or [], progress=not args.no_progress)
+    try:
+        with quiet_lightning():  # the comparison's own lines and progress bar, not Lightning's banners per stage
+            result = compare(_recipe(args.config), args.out, overrides=args.set or [], progress=not args.no_progress)
+    except CompareConfigError as err:  # found before anything was trained: one line, no traceback
+        raise SystemExit(f"chameleon-lite compare: {err}") from err
     print("\n".join(headline_lines(result["report"], result.get("metrics"))))  # the QA table, then the report's path
     return 0
 

@@ -253,3 +253,34 @@ def test_compare_on_imported_data_without_a_world(imported, tmp_path, monkeypatc
     OmegaConf.save(cfg, config)
     with pytest.raises(ValueError, match="world.yaml"):
         compare(config, tmp_path / "out2", progress=False)
+
+
+def test_compare_on_imported_captions_without_questions(imported, tmp_path, monkeypatch):
+    """A folder of images and a captions file is enough: no questions, so captions and text->image are compared
+    and the report says so; questions in test but not in train are refused in one line by the CLI."""
+    import shutil
+
+    from chameleon_lite.cli import main
+    from chameleon_lite.comparison.run import compare
+
+    monkeypatch.chdir(REPO)
+    raw = tmp_path / "raw"
+    shutil.copytree(imported / "raw", raw)
+    for shard in raw.glob("*/qa-*.tar"):
+        shard.unlink()
+    config = _config(imported, tmp_path / "captions.yaml")
+    cfg = OmegaConf.load(config)
+    cfg.data.raw, cfg.stage3.pairs, cfg.eval.text_to_image = str(raw), 0, 2
+    OmegaConf.save(cfg, config)
+    result = compare(config, tmp_path / "out", progress=False)
+    for arm in ("native", "baseline"):
+        run = result["metrics"]["arms"][arm]["per_seed"][0]
+        assert "qa" not in run and run["captioning"]["n_samples"] == 4
+    assert result["metrics"]["arms"]["native"]["per_seed"][0]["text_to_image"]["generated"]["n"] == 2
+    report = result["report"].read_text()
+    assert "No questions in this data" in report and "Question answering" not in report
+    assert not (tmp_path / "out" / "accuracy_per_category.png").exists()
+
+    shutil.copy(next((imported / "raw" / "test").glob("qa-*.tar")), raw / "test" / "qa-000000.tar")
+    with pytest.raises(SystemExit, match="has questions .* but .* has none"):
+        main(["compare", "--config", str(config), "--out", str(tmp_path / "out2"), "--no-progress"])

@@ -10,8 +10,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from chameleon_lite.safe_io import load_plain_yaml
 
-__all__ = ["CompareConfig", "DataSpec", "NativeArm", "BaselineArm", "EvalSpec", "PreferenceStage",
+__all__ = ["CompareConfig", "CompareConfigError", "DataSpec", "NativeArm", "BaselineArm", "EvalSpec", "PreferenceStage",
            "load_compare_config"]
+
+
+class CompareConfigError(ValueError):
+    """A comparison that cannot run as configured on this data, found before anything is trained."""
 
 
 @dataclass
@@ -134,4 +138,4 @@ def load_compare_config(path: str | Path, overrides: list[str] = ()) -> CompareC
                                  OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except (OmegaConfBaseException, ValueError) as err:
-        raise ValueError(f"{path} is malformed: {err}") from err
+        raise CompareConfigError(f"{path} is malformed: {err}") from err

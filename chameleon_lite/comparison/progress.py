@@ -125,8 +125,10 @@ def headline_lines(report: str | Path, metrics: dict[str, Any] | None = None) ->
         except FileNotFoundError:
             return [f"report: {report}"]
     seeds = metrics["seeds"]
-    lines = [f"Question answering accuracy (seeds {seeds}; counts of seed {seeds[0]}; chance: the majority answer):",
-             *_qa_table(metrics)]
+    lines = []
+    if all("qa" in d["per_seed"][0] for d in metrics["arms"].values()):
+        lines += [f"Question answering accuracy (seeds {seeds}; counts of seed {seeds[0]}; chance: the majority "
+                  "answer):", *_qa_table(metrics)]
     t2i = metrics["arms"].get("native", {}).get("per_seed", [{}])[0].get("text_to_image")
     if t2i and t2i.get("scorer") == "r_precision":
         g, c = t2i["generated"], t2i["vq_reconstruction"]

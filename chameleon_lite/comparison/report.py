@@ -67,10 +67,11 @@ def _pairs_grid(pairs: list[tuple[Image.Image, Image.Image]], path: Path, column
 def _plots(metrics: dict[str, Any], examples: dict[str, Any], out: Path) -> dict[str, str]:
     plots: dict[str, str] = {}
     first = {arm: data["per_seed"][0] for arm, data in metrics["arms"].items() if data["per_seed"]}
-    by_arm = {arm: run["qa"]["by_category"] for arm, run in first.items()}
-    chance_src = next(iter(first.values()))["qa"].get("chance", {})
-    chance = {c: v["chance"] for c, v in chance_src.items() if c in next(iter(by_arm.values()))}
-    plots["accuracy"] = str(plot_accuracy_per_category(by_arm, chance, out / "accuracy_per_category.png"))
+    if all("qa" in run for run in first.values()):
+        by_arm = {arm: run["qa"]["by_category"] for arm, run in first.items()}
+        chance_src = next(iter(first.values()))["qa"].get("chance", {})
+        chance = {c: v["chance"] for c, v in chance_src.items() if c in next(iter(by_arm.values()))}
+        plots["accuracy"] = str(plot_accuracy_per_category(by_arm, chance, out / "accuracy_per_category.png"))
     curves = {arm: run["training"]["loss_curve"] for arm, run in first.items()
               if run.get("training") and run["training"]["loss_curve"]}
     if curves:
@@ -215,11 +216,25 @@ def _cost_lines(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _understanding_lines(metrics: dict[str, Any]) -> list[str]:
+    """QA by category, POPE and held-out combinations; nothing when the data has no questions."""
+    if not all("qa" in d["per_seed"][0] for d in metrics["arms"].values()):
+        return []
+    lines = ["## Question answering by category", "", *_qa_table(metrics), "",
+             "![accuracy per category](accuracy_per_category.png)", "",
+             "## Existence questions (POPE-style)", "", *_pope_table(metrics), ""]
+    if any(d["per_seed"][0]["qa"]["held_out"].get(k) for d in metrics["arms"].values() for k in ("seen", "held_out")):
+        lines += ["## Compositional generalisation", "", *_held_out_lines(metrics), ""]
+    return lines
+
+
 def _reading(metrics: dict[str, Any]) -> list[str]:
     """A few sentences generated from the numbers (largest per-category gaps, POPE yes-rates)."""
     arms = metrics["arms"]
     if not {"native", "baseline"} <= set(arms):
         return []
+    if "qa" not in arms["native"]["per_seed"][0]:
+        return ["- No questions in this data: the arms are compared on captions and text->image only."]
     n = arms["native"]["per_seed"][0]["qa"]
     b = arms["baseline"]["per_seed"][0]["qa"]
     gaps = []
@@ -305,20 +320,7 @@ def write_report(metrics: dict[str, Any], examples: dict[str, Any], out: str | P
         "",
         *_reading(metrics),
         "",
-        "## Question answering by category",
-        "",
-        *_qa_table(metrics),
-        "",
-        "![accuracy per category](accuracy_per_category.png)",
-        "",
-        "## Existence questions (POPE-style)",
-        "",
-        *_pope_table(metrics),
-        "",
-        "## Compositional generalisation",
-        "",
-        *_held_out_lines(metrics),
-        "",
+        *_understanding_lines(metrics),
         "## Captioning",
         "",
         "| arm | BLEU-4 | CIDEr-D | n |",

@@ -30,7 +30,7 @@ import lightning as L
 import torch
 
 from chameleon_lite.baseline import BaselineVLM, parameter_counts
-from chameleon_lite.comparison.config import CompareConfig, load_compare_config
+from chameleon_lite.comparison.config import CompareConfig, CompareConfigError, load_compare_config
 from chameleon_lite.comparison.evaluate import (
     evaluate_captions,
     evaluate_qa,
@@ -95,17 +95,19 @@ def _version() -> str:
 
 def _text_to_image_judge(cfg: CompareConfig, has_world: bool) -> str | None:
     """How generated images are scored (``eval.text_to_image_scorer``); None when text->image is not evaluated.
-    ``ValueError`` before anything is trained when the choice cannot work with this data and config."""
+    ``CompareConfigError`` before anything is trained when the choice cannot work with this data and config."""
     ev = cfg.eval
     if ev.text_to_image <= 0:
         return None
     judge = ev.text_to_image_scorer if ev.text_to_image_scorer != "auto" else (
         "parser" if has_world else "r_precision")
     if judge == "parser" and not has_world:
-        raise ValueError(f"eval.text_to_image_scorer=parser needs a shapes world (world.yaml in {cfg.data.raw})")
+        raise CompareConfigError(f"eval.text_to_image_scorer=parser needs a shapes world (world.yaml in "
+                                 f"{cfg.data.raw})")
     if judge == "r_precision" and ev.scorer_dir is None and cfg.baseline.model_dir:
-        raise ValueError("text->image by R-precision needs eval.scorer_dir, or a baseline trained here (its ViT "
-                         "pretraining exports the scorer); baseline.model_dir is set and eval.scorer_dir is not")
+        raise CompareConfigError("text->image by R-precision needs eval.scorer_dir, or a baseline trained here (its "
+                                 "ViT pretraining exports the scorer); baseline.model_dir is set and eval.scorer_dir "
+                                 "is not")
     return judge
 
 
@@ -114,8 +116,9 @@ def _evaluate_arm(arm: str, model: Any, config: CompareConfig, parse, references
     raw, ev = Path(config.data.raw), config.eval
     test = raw / "test"
     result: dict[str, Any] = {}
-    result["qa"] = evaluate_qa(model, str(test / "qa-*.tar"), limit=ev.qa_questions, batch_size=ev.batch_size,
-                               reference_answers=references, progress=progress)
+    if _has_qa(raw, "test"):  # imported data may have captions only
+        result["qa"] = evaluate_qa(model, str(test / "qa-*.tar"), limit=ev.qa_questions, batch_size=ev.batch_size,
+                                   reference_answers=references, progress=progress)
     result["captioning"] = evaluate_captions(model, str(test / "pairs-*.tar"), limit=ev.captions,
                                              batch_size=ev.batch_size, progress=progress)
     rows: list[dict[str, Any]] = []
@@ -191,7 +194,7 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
         _check_plain_data(raw, cfg)
     parse = partial(parse_scene, config=world.world) if world is not None else None  # text->image needs a parser
     judge = _text_to_image_judge(cfg, world is not None)  # "parser", "r_precision" or None (not scored)
-    references = reference_answers_from_shards(str(raw / "train" / "qa-*.tar"))
+    references = reference_answers_from_shards(str(raw / "train" / "qa-*.tar")) if _has_qa(raw, "train") else None
     metrics: dict[str, Any] = {
         "name": cfg.name, "package_version": _version(), "created": datetime.now(timezone.utc).isoformat(),
         "machine": _machine(), "config": asdict(cfg), "seeds": list(cfg.seeds),
@@ -260,7 +263,8 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
     for arm in ARMS:
         runs = metrics["arms"][arm]["per_seed"]
         metrics["arms"][arm]["summary"] = summarize_seeds(
-            [{k: v for k, v in r.items() if k not in ("model_dir",)} | {"qa": _qa_numbers(r["qa"])} for r in runs])
+            [{k: v for k, v in r.items() if k not in ("model_dir", "qa")}
+             | ({"qa": _qa_numbers(r["qa"])} if "qa" in r else {}) for r in runs])
     metrics["seconds"] = time.perf_counter() - started
     bar.stage("writing the report")
     report = write_report(metrics, examples, out)
@@ -273,21 +277,20 @@ def _load_world(raw: Path) -> Any:
     return load_world_spec(raw) if (raw / WORLD_FILE).is_file() else None
 
 
-def _check_plain_data(raw: Path, cfg: CompareConfig) -> None:
-    """Data without ``world.yaml`` (``chameleon-lite data import``): understanding is scored on the test split's QA
-    shards, so train and test need some; stage 3 needs a world's scenes. ``ValueError`` naming what is missing."""
-    from chameleon_lite.data.readers import list_shards
+def _has_qa(raw: Path, split: str) -> bool:
+    return any((raw / split).glob("qa-*.tar"))
 
-    for split in ("train", "test"):
-        try:
-            list_shards(str(raw / split / "qa-*.tar"))
-        except (FileNotFoundError, ValueError) as err:
-            raise ValueError(f"{raw} has no world.yaml, so compare scores understanding on its QA shards, but "
-                             f"{raw / split} has no qa-*.tar (import questions with: chameleon-lite data import "
-                             f"--qa FILE): {err}") from err
+
+def _check_plain_data(raw: Path, cfg: CompareConfig) -> None:
+    """Data without ``world.yaml`` (``chameleon-lite data import``): stage 3 needs a world's scenes, and test
+    questions without training questions would be scored against nothing learned. ``CompareConfigError`` naming it."""
+    if _has_qa(raw, "test") and not _has_qa(raw, "train"):
+        raise CompareConfigError(f"{raw / 'test'} has questions (qa-*.tar) but {raw / 'train'} has none: import "
+                                 "questions for the training images too, or none at all (then only captions and "
+                                 "text->image are scored)")
     if cfg.stage3.pairs:
-        raise ValueError(f"stage3.pairs={cfg.stage3.pairs}: preference pairs are built from a shapes world's scenes "
-                         f"and {raw} has no world.yaml")
+        raise CompareConfigError(f"stage3.pairs={cfg.stage3.pairs}: preference pairs are built from a shapes world's "
+                                 f"scenes and {raw} has no world.yaml")
 
 
 def _data_summary(raw: Path, tokenizer: str) -> dict[str, Any]:
