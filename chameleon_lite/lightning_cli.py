@@ -123,8 +123,9 @@ def run_lightning_cli(args: Sequence[str], run: bool = True, callbacks: Sequence
     )
 
 
-def parse_recipe(path: str):
-    """Parse and type-check a recipe without instantiating anything (GPU recipes can be checked on a CPU machine).
+def parse_recipe(path: str, overrides: Sequence[str] = ()):
+    """Parse and type-check a recipe (plus ``fit``-style ``overrides`` such as ``--model.init_args.lr=1e-3``)
+    without instantiating anything (GPU recipes can be checked on a CPU machine).
 
     Returns the parsed ``jsonargparse.Namespace``; unknown keys and wrong types raise.
     """
@@ -141,7 +142,7 @@ def parse_recipe(path: str):
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
-        args=resolve_config_args(["--config", str(path)]),
+        args=resolve_config_args(["--config", str(path), *overrides]),
         run=False,
     )
     return cli.config

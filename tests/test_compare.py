@@ -284,3 +284,17 @@ def test_compare_on_imported_captions_without_questions(imported, tmp_path, monk
     shutil.copy(next((imported / "raw" / "test").glob("qa-*.tar")), raw / "test" / "qa-000000.tar")
     with pytest.raises(SystemExit, match="has questions .* but .* has none"):
         main(["compare", "--config", str(config), "--out", str(tmp_path / "out2"), "--no-progress"])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "compare").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_comparisons_have_matched_decoders_and_a_mismatch_is_refused_before_training(path, monkeypatch):
+    """Issue 16, item 5: a decoder mismatch between the arms is an error when the config is read (it used to show
+    only after training, as matched_decoder: false)."""
+    from chameleon_lite.comparison.config import CompareConfigError, load_compare_config
+    from chameleon_lite.comparison.run import check_matched_decoders
+
+    monkeypatch.chdir(REPO)
+    check_matched_decoders(load_compare_config(path))
+    cfg = load_compare_config(path, ["native.overrides=[--model.init_args.model.n_layers=7]"])
+    with pytest.raises(CompareConfigError, match="n_layers: native 7 vs baseline"):
+        check_matched_decoders(cfg)

@@ -49,7 +49,7 @@ from chameleon_lite.lightning_cli import quiet_lightning
 from chameleon_lite.pretrained import ChameleonLite
 from chameleon_lite.safe_io import record_files
 
-__all__ = ["compare", "flatten_numbers", "summarize_seeds"]
+__all__ = ["compare", "check_matched_decoders", "flatten_numbers", "summarize_seeds"]
 
 logger = logging.getLogger(__name__)
 ARMS = ("native", "baseline")
@@ -194,6 +194,8 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
         _check_plain_data(raw, cfg)
     parse = partial(parse_scene, config=world.world) if world is not None else None  # text->image needs a parser
     judge = _text_to_image_judge(cfg, world is not None)  # "parser", "r_precision" or None (not scored)
+    if not (cfg.native.model_dir or cfg.baseline.model_dir):
+        check_matched_decoders(cfg)  # before anything is trained
     references = reference_answers_from_shards(str(raw / "train" / "qa-*.tar")) if _has_qa(raw, "train") else None
     metrics: dict[str, Any] = {
         "name": cfg.name, "package_version": _version(), "created": datetime.now(timezone.utc).isoformat(),
@@ -270,6 +272,28 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
     report = write_report(metrics, examples, out)
     bar.close()
     return {"metrics": metrics, "report": report}
+
+
+def check_matched_decoders(cfg: CompareConfig) -> None:
+    """Both arms' recipes, with their overrides, must build identical decoders (all of ``DecoderConfig`` but the
+    vocabulary size, which the shared tokenizer sets): ``CompareConfigError`` naming the differing fields, found when
+    the config is read rather than after training."""
+    from chameleon_lite.lightning_cli import parse_recipe
+
+    def decoder(recipe: str, overrides: list[str]) -> dict[str, Any]:
+        parsed = parse_recipe(recipe, [o for o in overrides if o.startswith("--model.")])
+        model = parsed.model.init_args.model
+        return dict(model.as_dict() if hasattr(model, "as_dict") else model or {})
+
+    native = decoder(cfg.native.recipe, cfg.native.overrides)
+    baseline = decoder(cfg.baseline.stage2_recipe, cfg.baseline.stage2_overrides)
+    differ = sorted(k for k in native.keys() | baseline.keys()
+                    if k != "vocab_size" and native.get(k) != baseline.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: native {native.get(k)!r} vs baseline {baseline.get(k)!r}" for k in differ)
+        raise CompareConfigError(f"{cfg.name}: the arms' decoders differ ({detail}); a matched comparison needs "
+                                 f"identical decoders ({cfg.native.recipe}, {cfg.baseline.stage2_recipe} and their "
+                                 "overrides)")
 
 
 def _load_world(raw: Path) -> Any:
