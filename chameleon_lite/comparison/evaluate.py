@@ -30,7 +30,7 @@ from chameleon_lite.eval.generation_scores import aggregate_generation_scores, s
 from chameleon_lite.eval.understanding import evaluate_qa_shards, summarize_qa
 
 __all__ = ["answer_questions", "evaluate_qa", "evaluate_captions", "evaluate_text_to_image",
-           "evaluate_text_to_image_retrieval", "measure_latency",
+           "evaluate_text_to_image_retrieval", "generate_images", "measure_latency",
            "peak_memory_mb", "PeakMemory", "vq_ceiling"]
 
 logger = logging.getLogger(__name__)
@@ -96,20 +96,31 @@ def evaluate_text_to_image(model: Any, shards: str, parse: Callable[[Image.Image
     ``cfg_scale``.
     """
     samples = [s for s in islice(pair_dataset(shards), limit) if "scene" in s["meta"]]
+    images = generate_images(model, [s["text"].strip() for s in samples], cfg_scale=cfg_scale,
+                             image_temperature=image_temperature, seed=seed, batch_size=batch_size, progress=progress)
     scores, rows = [], []
-    for b, batch in enumerate(tqdm(list(_batched(samples, batch_size)), desc="text->image", disable=not progress)):
-        outputs = model.generate([[s["text"].strip()] for s in batch], mode="image", cfg_scale=cfg_scale,
-                                 image_temperature=image_temperature,
-                                 seed=seed + b)
-        for sample, out in zip(batch, outputs):
-            images = [x for x in out if isinstance(x, Image.Image)]
-            if not images:
-                raise RuntimeError(f"image mode returned no image for caption {sample['text']!r}")
-            score = score_generation(_intended(sample), parse(images[0]), caption=sample["text"].strip())
-            scores.append(score)
-            rows.append({"caption": sample["text"].strip(), "verdict": verdict(score), "image": images[0],
-                         "passed": bool(score.all_correct)})
+    for sample, image in zip(samples, images):
+        score = score_generation(_intended(sample), parse(image), caption=sample["text"].strip())
+        scores.append(score)
+        rows.append({"caption": sample["text"].strip(), "verdict": verdict(score), "image": image,
+                     "passed": bool(score.all_correct)})
     return aggregate_generation_scores(scores), rows
+
+
+def generate_images(model: Any, captions: Sequence[str], *, cfg_scale: float, image_temperature: float, seed: int,
+                    batch_size: int, progress: bool = True) -> list[Image.Image]:
+    """One image per caption from the native arm's public ``generate`` (image mode), batch ``b`` seeded ``seed + b``."""
+    images: list[Image.Image] = []
+    for b, batch in enumerate(tqdm(list(_batched(list(captions), batch_size)), desc="text->image",
+                                   disable=not progress)):
+        outputs = model.generate([[c] for c in batch], mode="image", cfg_scale=cfg_scale,
+                                 image_temperature=image_temperature, seed=seed + b)
+        for caption, out in zip(batch, outputs):
+            found = [x for x in out if isinstance(x, Image.Image)]
+            if not found:
+                raise RuntimeError(f"image mode returned no image for caption {caption!r}")
+            images.append(found[0])
+    return images
 
 
 def _group_key(sample: dict[str, Any], key: str | None) -> Any:
@@ -148,15 +159,8 @@ def evaluate_text_to_image_retrieval(model: Any, shards: str, scorer: Any, *, li
     r = min(r, len(groups))
     if r < 2:
         raise ValueError(f"R-precision needs at least 2 distinct caption groups in {shards!r}, found {len(groups)}")
-    images: list[Image.Image] = []
-    for b, batch in enumerate(tqdm(list(_batched(samples, batch_size)), desc="text->image", disable=not progress)):
-        outputs = model.generate([[s["text"].strip()] for s in batch], mode="image", cfg_scale=cfg_scale,
-                                 image_temperature=image_temperature, seed=seed + b)
-        for sample, out in zip(batch, outputs):
-            found = [x for x in out if isinstance(x, Image.Image)]
-            if not found:
-                raise RuntimeError(f"image mode returned no image for caption {sample['text']!r}")
-            images.append(found[0])
+    images = generate_images(model, [s["text"].strip() for s in samples], cfg_scale=cfg_scale,
+                             image_temperature=image_temperature, seed=seed, batch_size=batch_size, progress=progress)
     own_keys = pool_keys[: len(samples)]
     own_emb = scorer.embed_texts([s["text"].strip() for s in samples])  # (N, E)
     pool_emb = scorer.embed_texts([pool[i]["text"].strip() for i in groups])  # (G, E)
