@@ -71,11 +71,8 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------- images <-> codes
 def _image_ids(codes: torch.Tensor, vocab: Vocab, use_eol: bool) -> list[int]:
-    """Codes ``(h, w)`` -> ``<boi> codes [<eol> per row] <eoi>`` as a list."""
-    body = codes.long() + vocab.image_offset  # (h, w)
-    if use_eol:
-        body = torch.cat([body, body.new_full((body.shape[0], 1), vocab.eol)], dim=1)  # (h, w + 1)
-    return [vocab.boi, *body.flatten().tolist(), vocab.eoi]
+    """Codes ``(h, w)`` -> ``<boi> codes [<eol> per row] <eoi>`` as a list (``Vocab.image_to_ids``)."""
+    return vocab.image_to_ids(codes, eol=use_eol).tolist()
 
 
 # ---------------------------------------------------------------------------------------------- prompts

@@ -160,8 +160,12 @@ class Vocab:
         return self.mask(image=True)
 
     # ------------------------------------------------------------------ images <-> ids
-    def image_to_ids(self, codes: torch.Tensor, *, wrap: bool = True) -> torch.Tensor:
-        """Codes ``(..., h, w)`` -> ids ``(..., [1 +] h*w [+ 1])``, row-major, wrapped in ``<boi> ... <eoi>``."""
+    def image_to_ids(self, codes: torch.Tensor, *, wrap: bool = True, eol: bool = False) -> torch.Tensor:
+        """Codes ``(..., h, w)`` -> ids ``(..., [1 +] h*w [+ 1])``, row-major, wrapped in ``<boi> ... <eoi>``.
+
+        The one place the image framing is written: with ``eol`` (a bundle's ``use_eol``) an ``<eol>`` ends each
+        row, ``(..., [1 +] h*(w+1) [+ 1])``.
+        """
         codes = torch.as_tensor(codes)
         if codes.dtype.is_floating_point or codes.dtype == torch.bool:
             raise ValueError(f"image codes must be integers, got {codes.dtype}")
@@ -170,7 +174,10 @@ class Vocab:
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
             bad = codes[(codes < 0) | (codes >= self.codebook_size)][0].item()
             raise ValueError(f"image code {bad} is outside the codebook [0, {self.codebook_size})")
-        flat = codes.long().flatten(-2) + self.image_offset  # (..., h*w)
+        body = codes.long() + self.image_offset  # (..., h, w)
+        if eol:
+            body = torch.cat([body, body.new_full((*body.shape[:-1], 1), self.eol)], dim=-1)  # (..., h, w+1)
+        flat = body.flatten(-2)  # (..., h*w) or (..., h*(w+1))
         if not wrap:
             return flat
         boi = flat.new_full((*flat.shape[:-1], 1), self.boi)

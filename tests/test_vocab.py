@@ -56,6 +56,15 @@ def test_image_ids_round_trip(vocab):
     assert vocab.image_to_ids(batch, wrap=False).shape == (2, 12)
 
 
+def test_image_framing_with_end_of_line_tokens(vocab):
+    """The one image framing (issue 16): ``<boi>`` codes with an ``<eol>`` ending each row ``<eoi>``."""
+    codes = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    o = vocab.image_offset
+    assert vocab.image_to_ids(codes, eol=True).tolist() == [
+        vocab.boi, o + 1, o + 2, o + 3, vocab.eol, o + 4, o + 5, o + 6, vocab.eol, vocab.eoi]
+    assert vocab.image_to_ids(torch.stack([codes, codes]), eol=True, wrap=False).shape == (2, 8)
+
+
 def test_image_ids_errors(vocab):
     with pytest.raises(ValueError, match="16"):
         vocab.image_to_ids(torch.tensor([[0, 16]]))

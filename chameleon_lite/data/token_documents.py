@@ -313,12 +313,7 @@ def _parse_shards(shards: Sequence[str], bundle: TokenizerBundle) -> TokenDocume
 
 def _image_table(codes: torch.Tensor, vocab: Vocab, use_eol: bool) -> torch.Tensor:
     """Codes ``(N, h, w)`` -> ids ``(N, [h*w | h*(w+1)] + 2)``: ``<boi> codes [<eol> per row] <eoi>``."""
-    if not use_eol:
-        return vocab.image_to_ids(codes).int()
-    n, h, w = codes.shape
-    body = vocab.image_to_ids(codes, wrap=False).view(n, h, w)  # (N, h, w)
-    body = torch.cat([body, body.new_full((n, h, 1), vocab.eol)], dim=-1).flatten(1)  # (N, h*(w+1))
-    return torch.cat([body.new_full((n, 1), vocab.boi), body, body.new_full((n, 1), vocab.eoi)], dim=1).int()
+    return vocab.image_to_ids(codes, eol=use_eol).int()
 
 
 def _format_documents(samples: _Samples, images: np.ndarray, text: np.ndarray, text_start: np.ndarray,
