@@ -201,6 +201,13 @@ class BaselineVLM(nn.Module):
 
         return stream(self, prompts, **kwargs)
 
+    def token_steps(self, prompts: Any, *, max_new_tokens: int | None = None) -> Any:
+        """The engine's steps of greedy text generation, one per decoded position
+        (``chameleon_lite.baseline_generation.token_steps``)."""
+        from chameleon_lite.baseline_generation import token_steps
+
+        return token_steps(self, prompts, max_new_tokens=max_new_tokens)
+
 
 def _count(module: nn.Module | Sequence[nn.Parameter]) -> int:
     params = module.parameters() if isinstance(module, nn.Module) else module

@@ -25,7 +25,7 @@ from chameleon_lite.image_preprocessing import preprocess_images
 from chameleon_lite.image_tokenizer import ImageTokenizerConfig
 from chameleon_lite.sampling import SamplingParams, check_generation_args
 
-__all__ = ["build_baseline_prompt", "generate", "stream"]
+__all__ = ["build_baseline_prompt", "generate", "stream", "token_steps"]
 
 Segment = str | Image.Image
 
@@ -102,6 +102,13 @@ def generate(
             new_ids[b].append(int(tokens[b]))
     outputs = [[_decode_text(ids, model.bundle)] for ids in new_ids]
     return outputs[0] if single else outputs
+
+
+def token_steps(model: Any, prompts: Any, *, max_new_tokens: int | None = None) -> Iterator:
+    """The engine's steps of greedy text generation (``(tokens (B,), emitted (B,) bool)`` per decoded position),
+    the first after prompt building, image encoding and prefill; as ``chameleon_lite.generation.token_steps``."""
+    steps, _, _ = _prepare(model, prompts, max_new_tokens, 0.0, 0, 1.0, 0, ())
+    return steps
 
 
 def _decode_text(ids: Sequence[int], bundle: Any) -> str:

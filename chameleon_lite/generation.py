@@ -343,6 +343,15 @@ def stream(
     return _stream_pieces(model.bundle, steps, len(ids), single, mode == "image")
 
 
+def token_steps(model, prompts: Any, *, max_new_tokens: int | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The engine's steps of greedy text generation: one ``(tokens (B,), emitted (B,) bool)`` per decoded position,
+    the first after prompt building, image encoding and prefill (what ``comparison.evaluate.measure_latency``
+    times). Arguments are checked as in :func:`generate`."""
+    steps, _, _ = _prepare(model, prompts, "text", max_new_tokens, 0.0, 0, 1.0, 1.0, 0, 1.0, 1.0, 0, (), None)
+    return steps
+
+
 def _stream_pieces(bundle, steps, n_rows: int, single: bool, in_image: bool) -> Iterator[Segment | tuple]:
     streamers = [_SegmentStreamer(bundle, in_image) for _ in range(n_rows)]
     for tokens, emitted in steps:
@@ -382,4 +391,5 @@ __all__ = [
     "iter_generate_ids",
     "join_stream",
     "stream",
+    "token_steps",
 ]

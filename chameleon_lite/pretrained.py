@@ -446,6 +446,13 @@ class ChameleonLite(nn.Module):
 
         return stream(self, prompts, **kwargs)
 
+    def token_steps(self, prompts: Any, *, max_new_tokens: int | None = None) -> Any:
+        """The engine's steps of greedy text generation, one per decoded position
+        (``chameleon_lite.generation.token_steps``)."""
+        from chameleon_lite.generation import token_steps
+
+        return token_steps(self, prompts, max_new_tokens=max_new_tokens)
+
 
 def __getattr__(name: str) -> Any:
     if name == "ExportModelDir":  # the Lightning callback; importing it imports Lightning

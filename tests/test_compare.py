@@ -119,6 +119,11 @@ def _check_qa_records_are_the_models_answers(arm: str, run: dict, toy: Path) -> 
     outputs = model.generate([[s["image"], s["question"]] for s in samples[:8]], max_new_tokens=12)
     again = [" ".join(x for x in out if isinstance(x, str)).strip() for out in outputs]
     assert [r["prediction"] for r in records[:8]] == again, arm
+    # the public step iterator measure_latency times decodes the same greedy answer
+    prompt = [[samples[0]["image"], samples[0]["question"]]]
+    tokens = [int(tok[0]) for tok, emitted in model.token_steps(prompt, max_new_tokens=12) if bool(emitted[0])]
+    vocab = model.bundle.vocab
+    assert model.bundle.text.decode([t for t in tokens if t != vocab.eos]).strip() == again[0], arm
     assert qa["overall"]["correct"] == sum(is_correct(r["prediction"], r["answer"]) for r in records)
     for category, counts in qa["by_category"].items():
         mine = [r for r in records if r["category"] == category]

@@ -200,26 +200,13 @@ def vq_ceiling(bundle: Any, shards: str, parse: Callable[[Image.Image], Any], *,
     return aggregate_generation_scores(scores), [(s["image"], r) for s, r in zip(samples, recon)]
 
 
-def _decode_steps(model: Any, prompt: list, new_tokens: int):
-    """The engine's step iterator for one greedy text prompt of either arm."""
-    if hasattr(model, "encoder"):  # BaselineVLM
-        from chameleon_lite.baseline_generation import _prepare
-
-        steps, _, _ = _prepare(model, prompt, new_tokens, 0.0, 0, 1.0, 0, ())
-    else:
-        from chameleon_lite.generation import _prepare
-
-        steps, _, _ = _prepare(model, prompt, "text", new_tokens, 0.0, 0, 1.0, 1.0, 0, 1.0, 1.0, 0, (), None)
-    return steps
-
-
 def measure_latency(model: Any, image: Image.Image, new_tokens: int = 48, repeats: int = 3) -> dict[str, Any]:
     """Time to first token (prompt building, image encoding, prefill, first sample) and decode tokens/s after it,
     for a greedy caption of ``image`` (median of ``repeats``; decoding stops at ``<eos>``)."""
     ttft, rates, counts = [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        steps = _decode_steps(model, [image], new_tokens)
+        steps = model.token_steps([image], max_new_tokens=new_tokens)  # either arm, one public method
         next(steps)
         first = time.perf_counter()
         n = sum(1 for _ in steps)
