@@ -30,13 +30,13 @@ Notable choices:
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -56,7 +56,13 @@ from chameleon_lite.model import IGNORE_INDEX, DecoderConfig, next_token_loss
 from chameleon_lite.optimizers import clip_fused_directly, use_fused_adamw
 from chameleon_lite.pretrained import load_decoder, load_model_config, model_dir_kind, resolve_bundle_path
 from chameleon_lite.projectors import ProjectorConfig
-from chameleon_lite.safe_io import check_writable_dir, load_structured_yaml, save_structured_yaml, write_dir
+from chameleon_lite.safe_io import (
+    check_writable_dir,
+    load_checked_weights,
+    load_structured_yaml,
+    save_structured_yaml,
+    write_dir,
+)
 from chameleon_lite.schedules import warmup_cosine
 from chameleon_lite.vision_encoder import VisionEncoder, ViTConfig
 
@@ -113,24 +119,9 @@ def load_vision_encoder(directory: str | Path, expected: ViTConfig | None = None
     config = load_structured_yaml(directory / ENCODER_CONFIG, ViTConfig)  # plain data: never interpolated
     if expected is not None:
         _check_same(expected, config, f"{directory / ENCODER_CONFIG}")
-    weights = directory / ENCODER_WEIGHTS
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from err
-    source = f"{weights} (checked against {directory / ENCODER_CONFIG})"
-    if config.n_layers > len(state):  # before building anything: the config is read from disk
-        raise ValueError(f"{source}: n_layers={config.n_layers} but the file holds only {len(state)} tensors")
-    with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in VisionEncoder(config).state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in state.items()}
-    if want != have:
-        wrong = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-        raise ValueError(f"{source}: weights do not match the config: " + "; ".join(
-            f"{k}: file {have.get(k, 'missing')} vs config {want.get(k, 'none')}" for k in wrong[:5]))
-    encoder = VisionEncoder(config)
-    encoder.load_state_dict(state)
-    return encoder
+    return load_checked_weights(partial(VisionEncoder, config), directory / ENCODER_WEIGHTS,
+                                config_file=directory / ENCODER_CONFIG, min_tensors=config.n_layers,
+                                asks=f"n_layers={config.n_layers}")
 
 
 class ContrastiveEncoderModule(L.LightningModule):

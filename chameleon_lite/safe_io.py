@@ -158,6 +158,37 @@ def save_structured_yaml(config: Any, file: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- directories
+def load_checked_weights(build: Callable[[], Any], weights: str | Path, *, config_file: str | Path,
+                         min_tensors: int, asks: str) -> Any:
+    """``build()`` with the tensors of the safetensors file ``weights`` loaded into it.
+
+    The file's names and shapes are checked against ``build()`` on the meta device before anything real is built,
+    and a config asking for more than the file could hold (``min_tensors``, described by ``asks``) is refused before
+    even that: ``config_file`` is read from disk. ``ValueError`` naming the file for an unreadable file or a mismatch.
+    """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+    source = f"{weights} (checked against {config_file})"
+    if min_tensors > len(state):
+        raise ValueError(f"{source}: {asks} but the file holds only {len(state)} tensors")
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if want != have:
+        wrong = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        raise ValueError(f"{source}: weights do not match the config: " + "; ".join(
+            f"{k}: file {have.get(k, 'missing')} vs config {want.get(k, 'none')}" for k in wrong[:5]))
+    module = build()
+    module.load_state_dict(state)
+    return module
+
+
 def read_manifest(directory: str | Path) -> list[str] | None:
     """The files ``directory/manifest.json`` lists (relative POSIX paths), or None when there is no manifest.
 

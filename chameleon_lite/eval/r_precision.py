@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +46,20 @@ import torch
 import torch.nn.functional as F
 from omegaconf import MISSING
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from chameleon_lite.bundle import TokenizerBundle, load_bundle, save_bundle
 from chameleon_lite.contrastive import ContrastiveConfig, ContrastiveModel, TextEncoder, TextEncoderConfig
 from chameleon_lite.image_preprocessing import preprocess_images
 from chameleon_lite.image_tokenizer import ImageTokenizerConfig
 from chameleon_lite.pretrained import resolve_bundle_path
-from chameleon_lite.safe_io import check_writable_dir, load_structured_yaml, save_structured_yaml, write_dir
+from chameleon_lite.safe_io import (
+    check_writable_dir,
+    load_checked_weights,
+    load_structured_yaml,
+    save_structured_yaml,
+    write_dir,
+)
 from chameleon_lite.vision_encoder import VisionEncoder, ViTConfig
 
 __all__ = [
@@ -186,23 +192,9 @@ def load_scorer(directory: str | Path, device: torch.device | str = "cpu") -> Co
         raise ValueError(f"{cfg_file} names tokenizer {config.tokenizer!r} but {bundle_dir} holds bundle "
                          f"{bundle.name!r}")
     _check_bundle_fits(bundle, config.text, str(cfg_file))
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from err
-    source = f"{weights} (checked against {cfg_file})"
-    if config.vit.n_layers + config.text.n_layers > len(state):  # before building anything the config asks for
-        raise ValueError(f"{source}: the config asks for {config.vit.n_layers} + {config.text.n_layers} layers but "
-                         f"the file holds only {len(state)} tensors")
-    with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in _build(config).state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in state.items()}
-    if want != have:
-        wrong = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-        raise ValueError(f"{source}: weights do not match the config: " + "; ".join(
-            f"{k}: file {have.get(k, 'missing')} vs config {want.get(k, 'none')}" for k in wrong[:5]))
-    model = _build(config)
-    model.load_state_dict(state)
+    model = load_checked_weights(partial(_build, config), weights, config_file=cfg_file,
+                                 min_tensors=config.vit.n_layers + config.text.n_layers,
+                                 asks=f"the config asks for {config.vit.n_layers} + {config.text.n_layers} layers")
     return ContrastiveScorer(model.to(device), bundle)
 
 
