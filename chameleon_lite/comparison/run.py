@@ -318,17 +318,22 @@ def _check_plain_data(raw: Path, cfg: CompareConfig) -> None:
 
 
 def _data_summary(raw: Path, tokenizer: str) -> dict[str, Any]:
-    """What imported data is (no world.yaml): samples per split and kind, and the tokenizer's code grid."""
+    """What imported data is (no world.yaml): samples per split and kind (counted from the tar headers, no image
+    decoded), and the tokenizer's code grid."""
+    import tarfile
+
     from chameleon_lite.bundle import load_bundle
-    from chameleon_lite.data.readers import pair_dataset, qa_dataset
     from chameleon_lite.pretrained import resolve_bundle_path
 
-    counts = {}
-    for split in ("train", "val", "test"):
-        counts[split] = {"pairs": sum(1 for _ in pair_dataset(str(raw / split / "pairs-*.tar")))
-                         if any((raw / split).glob("pairs-*.tar")) else 0,
-                         "questions": sum(1 for _ in qa_dataset(str(raw / split / "qa-*.tar")))
-                         if any((raw / split).glob("qa-*.tar")) else 0}
+    def samples(split: str, prefix: str) -> int:
+        keys = set()
+        for shard in sorted((raw / split).glob(f"{prefix}-*.tar")):
+            with tarfile.open(shard) as tar:
+                keys.update(name.split(".", 1)[0] for name in tar.getnames())  # webdataset: key = before the 1st dot
+        return len(keys)
+
+    counts = {split: {"pairs": samples(split, "pairs"), "questions": samples(split, "qa")}
+              for split in ("train", "val", "test")}
     bundle = load_bundle(resolve_bundle_path(tokenizer), load_image_tokenizer=False)
     return {"raw": str(raw), "splits": counts, "tokenizer": bundle.name, "image_grid": list(bundle.image_grid),
             "codebook_size": bundle.vocab.codebook_size}
