@@ -165,13 +165,7 @@ def evaluate_text_to_image_retrieval(model: Any, shards: str, scorer: Any, *, li
     own_emb = scorer.embed_texts([s["text"].strip() for s in samples])  # (N, E)
     pool_emb = scorer.embed_texts([pool[i]["text"].strip() for i in groups])  # (G, E)
     group_keys = [pool_keys[i] for i in groups]
-    tokenizer = model.bundle.image_tokenizer
-    with torch.inference_mode():
-        from chameleon_lite.image_preprocessing import preprocess_images
-
-        pixels = preprocess_images([s["image"] for s in samples], tokenizer.config)  # (N, C, H, W)
-        pixels = pixels.to(next(tokenizer.parameters()).device)
-        recon = tokenizer.to_pil(tokenizer.decode(tokenizer.encode(pixels)))
+    recon = vq_reconstructions(model.bundle.image_tokenizer, [s["image"] for s in samples])
     scores = {}
     for name, pictures in (("generated", images), ("real", [s["image"] for s in samples]),
                            ("vq_reconstruction", recon)):
@@ -185,17 +179,21 @@ def evaluate_text_to_image_retrieval(model: Any, shards: str, scorer: Any, *, li
     return result, rows
 
 
+def vq_reconstructions(tokenizer: Any, images: Sequence[Image.Image]) -> list[Image.Image]:
+    """Each image encoded to codes and decoded back by the VQ ``tokenizer`` (on the tokenizer's device)."""
+    from chameleon_lite.image_preprocessing import preprocess_images
+
+    with torch.inference_mode():
+        pixels = preprocess_images(list(images), tokenizer.config)  # (N, C, H, W)
+        pixels = pixels.to(next(tokenizer.parameters()).device)  # where the model (and its tokenizer) lives
+        return tokenizer.to_pil(tokenizer.decode(tokenizer.encode(pixels)))
+
+
 def vq_ceiling(bundle: Any, shards: str, parse: Callable[[Image.Image], Any], *, limit: int
                ) -> tuple[dict[str, Any], list[tuple[Image.Image, Image.Image]]]:
     """The same scoring on VQ reconstructions of the real images: the best any generator over these codes can do."""
     samples = [s for s in islice(pair_dataset(shards), limit) if "scene" in s["meta"]]
-    tokenizer = bundle.image_tokenizer
-    from chameleon_lite.image_preprocessing import preprocess_images
-
-    with torch.inference_mode():
-        pixels = preprocess_images([s["image"] for s in samples], tokenizer.config)  # (N, C, H, W)
-        pixels = pixels.to(next(tokenizer.parameters()).device)  # where the model (and its tokenizer) lives
-        recon = tokenizer.to_pil(tokenizer.decode(tokenizer.encode(pixels)))
+    recon = vq_reconstructions(bundle.image_tokenizer, [s["image"] for s in samples])
     scores = [score_generation(_intended(s), parse(r), caption=s["text"]) for s, r in zip(samples, recon)]
     return aggregate_generation_scores(scores), [(s["image"], r) for s, r in zip(samples, recon)]
 

@@ -157,10 +157,9 @@ def build_preference_pairs(raw: str | os.PathLike, *, pairs: int, seed: int = 0,
             scene = _scene_of(cap["meta"], f"pair {cap['key']}")
             changed = perturb_scene(scene, rng, world.shapes, world.colors)
             if changed is not None:
-                state = rng.getstate()
-                chosen = describe(scene, random.Random(rng.random()))
-                rng.setstate(state)
-                rejected = describe(changed[0], random.Random(rng.random()))
+                template_seed = rng.random()  # both captions from the same template and object order
+                chosen = describe(scene, random.Random(template_seed))
+                rejected = describe(changed[0], random.Random(template_seed))
                 if chosen != rejected:
                     made.append(PreferencePair(cap["image"], "", chosen, rejected, "caption", "caption",
                                                changed[1], key))
