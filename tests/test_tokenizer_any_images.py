@@ -57,7 +57,7 @@ def test_tokenizer_recipe_trains_on_imported_images(imported, tmp_path, monkeypa
         f"--trainer.callbacks.init_args.eval_shards={imported}/val/pairs-*.tar",
         "--trainer.callbacks.init_args.eval_images=8"])
     bundle = load_bundle(out)
-    down = int(mult.count(",") and 2 ** mult.count(","))
+    down = 2 ** mult.count(",")  # each level after the first halves the side
     assert bundle.image_grid == (size // down, size // down)
     assert bundle.image_tokenizer.config.image_size == size and bundle.image_tokenizer.config.resize_mode == resize
     readme = (out / "README.md").read_text()
