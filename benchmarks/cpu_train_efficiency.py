@@ -63,10 +63,10 @@ import torch
 from omegaconf import OmegaConf
 
 from chameleon_lite.comparison.training import baseline_flops
-from chameleon_lite.lightning_cli import run_lightning_cli
-from chameleon_lite.lit_native import flops_per_token
-from chameleon_lite.perf import fastest_cpu_precision, measured_matmul_flops
-from chameleon_lite.pretrained import resolve_bundle_path
+from chameleon_lite.model.model_dir import resolve_bundle_path
+from chameleon_lite.training.lightning_cli import run_lightning_cli
+from chameleon_lite.training.lit_native import flops_per_token
+from chameleon_lite.training.perf import fastest_cpu_precision, measured_matmul_flops
 
 DEFAULT_RECIPES = ("configs/native/tiny.yaml", "configs/baseline/encoder_tiny.yaml",
                    "configs/baseline/stage1_tiny.yaml", "configs/baseline/stage2_tiny.yaml")
@@ -130,7 +130,7 @@ class World:
     inputs: dict[tuple[str, int | None], Path] = field(default_factory=dict)  # (recipe, image size) -> exported dir
 
     def __post_init__(self) -> None:
-        from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
+        from chameleon_lite.world.shapes_world import ShapesWorldSpec, write_shapes_world
 
         start = time.perf_counter()
         write_shapes_world(ShapesWorldSpec(train=self.scenes, val=0, test=0, seed=0), self.root / "raw",
@@ -143,9 +143,8 @@ class World:
 
     def token_shards(self, tokenizer: str) -> Path:
         """The train split pre-tokenized with ``tokenizer`` (a bundle directory)."""
-        from chameleon_lite.bundle import load_bundle
         from chameleon_lite.data.pretokenize import tokenize_shards
-
+        from chameleon_lite.tokenization.bundle import load_bundle
         bundle_dir = resolve_bundle_path(tokenizer)
         key = str(bundle_dir.resolve())
         if key not in self.tokens:
@@ -187,7 +186,7 @@ def model_inputs(recipe: Recipe, world: World, image_size: int | None) -> list[s
 
 def prerequisite(path: Path, world: World, image_size: int | None) -> Path:
     """Train ``path`` (an encoder or stage-1 recipe) for one step at batch 2 and export it; cached per world."""
-    from chameleon_lite.lit_baseline import ExportBaselineDir, ExportVisionEncoder
+    from chameleon_lite.training.lit_baseline import ExportBaselineDir, ExportVisionEncoder
 
     key = (str(path.resolve()), image_size)
     if key not in world.inputs:

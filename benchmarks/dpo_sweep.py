@@ -21,9 +21,9 @@ from pathlib import Path
 from chameleon_lite.comparison.evaluate import answer_questions, evaluate_qa
 from chameleon_lite.comparison.run import precision_overrides
 from chameleon_lite.comparison.training import train_preference
-from chameleon_lite.data.preference_pairs import PAIRS_PREFIX, build_preference_pairs, write_preference_shards
 from chameleon_lite.eval.understanding import reference_answers_from_shards
-from chameleon_lite.lit_preference import load_policy
+from chameleon_lite.training.lit_preference import load_policy
+from chameleon_lite.world.preference_pairs import PAIRS_PREFIX, build_preference_pairs, write_preference_shards
 
 CATEGORIES = ("count", "color", "shape", "binding", "spatial", "negation", "existence")
 

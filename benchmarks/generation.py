@@ -1,7 +1,7 @@
 """Decode speed of the generation engine vs Hugging Face ``ChameleonForConditionalGeneration``, and the cost of CFG.
 
 Both arms run the SAME tiny random decoder (ours is built and seeded here, then exported into HF with
-``chameleon_lite.hf_port.export_hf_chameleon_state``): batch 1, greedy, ``--new-tokens`` new tokens, fp32, CPU.
+``chameleon_lite.model.hf_port.export_hf_chameleon_state``): batch 1, greedy, ``--new-tokens`` new tokens, fp32, CPU.
 
 Fairness of the text arm:
 
@@ -39,12 +39,12 @@ from collections.abc import Callable
 
 import torch
 
-from chameleon_lite.fast_decode import decode_threads
-from chameleon_lite.generation import generate_ids
-from chameleon_lite.hf_port import export_hf_chameleon_state, hf_chameleon_config
-from chameleon_lite.model import Decoder, DecoderConfig
-from chameleon_lite.sampling import ModalityConstraint, SamplingParams
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.generation.fast_decode import decode_threads
+from chameleon_lite.generation.native import generate_ids
+from chameleon_lite.generation.sampling import ModalityConstraint, SamplingParams
+from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.model.hf_port import export_hf_chameleon_state, hf_chameleon_config
+from chameleon_lite.tokenization.vocab import Vocab
 
 
 def median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, object]]:

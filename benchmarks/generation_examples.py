@@ -17,11 +17,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from chameleon_lite import ChameleonLite
-from chameleon_lite.data.language import describe, make_questions
-from chameleon_lite.data.parser import parse_scene
-from chameleon_lite.data.render import render_scene
-from chameleon_lite.data.scenes import WorldConfig
-from chameleon_lite.data.splits import CompositionalSplit
+from chameleon_lite.world.language import describe, make_questions
+from chameleon_lite.world.render import render_scene
+from chameleon_lite.world.scene_parser import parse_scene
+from chameleon_lite.world.scenes import WorldConfig
+from chameleon_lite.world.splits import CompositionalSplit
 
 
 def object_f1(want, got) -> float:

@@ -46,12 +46,14 @@ from pathlib import Path
 
 import torch
 
-from chameleon_lite.attention import KVCache
-from chameleon_lite.bundle import load_bundle
-from chameleon_lite.fast_decode import FastDecodeStep
-from chameleon_lite.generation import generate_ids
-from chameleon_lite.model import Decoder
-from chameleon_lite.perf import (
+from chameleon_lite.generation.fast_decode import FastDecodeStep
+from chameleon_lite.generation.native import generate_ids
+from chameleon_lite.generation.static_decode import StaticDecodeStep
+from chameleon_lite.model.attention import KVCache
+from chameleon_lite.model.decoder import Decoder
+from chameleon_lite.model.model_dir import resolve_bundle_path
+from chameleon_lite.tokenization.bundle import load_bundle
+from chameleon_lite.training.perf import (
     benchmark_device,
     decode_bytes_per_step,
     device_peak_bandwidth,
@@ -60,8 +62,6 @@ from chameleon_lite.perf import (
     speed_of_light_tokens_per_s,
     synchronize,
 )
-from chameleon_lite.pretrained import resolve_bundle_path
-from chameleon_lite.static_decode import StaticDecodeStep
 
 GOAL_FRACTION = 0.25  # of the speed of light at batch 1 (issue 9)
 
@@ -168,7 +168,7 @@ def vs_transformers(device: torch.device, new_tokens: int, repeats: int) -> None
     spec = importlib.util.spec_from_file_location("bench_generation", Path(__file__).with_name("generation.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from chameleon_lite.sampling import ModalityConstraint, SamplingParams
+    from chameleon_lite.generation.sampling import ModalityConstraint, SamplingParams
 
     transformers.logging.set_verbosity_error()
     args = argparse.Namespace(d_model=256, n_layers=4, n_heads=8, vocab_size=5120, codebook_size=1024, init_std=0.1,

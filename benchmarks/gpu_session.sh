@@ -60,7 +60,7 @@ fit_small() {  # fit_small RECIPE ROOT: the recipe on /tmp/gpu-data, every step 
     csv=$(ls -t "$root"/logs/version_*/metrics.csv 2>/dev/null | head -1)
     if [ -n "$csv" ]; then
         cp "$csv" "$OUT/$(basename "$root")-metrics.csv"
-        "${CLI[0]}" -m chameleon_lite.perf spikes "$csv"
+        "${CLI[0]}" -m chameleon_lite.training.perf spikes "$csv"
     fi
     return $rc
 }
@@ -70,7 +70,7 @@ for part in "$@"; do
     check)
         run check bash -c 'nvidia-smi; "$0" -c "
 import torch, lightning, chameleon_lite
-from chameleon_lite.attention import flex_attention_available, xformers_available
+from chameleon_lite.model.attention import flex_attention_available, xformers_available
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0))
 print(\"lightning\", lightning.__version__, \"| flex\", flex_attention_available(), \"| xformers\", xformers_available())
 "' "$PY" ;;

@@ -41,11 +41,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from chameleon_lite.attention import flex_attention_available, xformers_available
-from chameleon_lite.bundle import load_bundle
-from chameleon_lite.lit_native import decoder_param_groups, flops_per_token
-from chameleon_lite.model import Decoder, DecoderConfig, next_token_loss
-from chameleon_lite.perf import (
+from chameleon_lite.model.attention import flex_attention_available, xformers_available
+from chameleon_lite.model.decoder import Decoder, DecoderConfig, next_token_loss
+from chameleon_lite.model.model_dir import resolve_bundle_path
+from chameleon_lite.tokenization.bundle import load_bundle
+from chameleon_lite.training.lit_native import decoder_param_groups, flops_per_token
+from chameleon_lite.training.perf import (
     benchmark_device,
     device_peak_flops,
     measured_matmul_flops,
@@ -55,7 +56,6 @@ from chameleon_lite.perf import (
     synchronize,
     synthetic_packed_batch,
 )
-from chameleon_lite.pretrained import resolve_bundle_path
 
 GOAL_MFU = 0.40  # issue 9, with the best switches
 

@@ -17,9 +17,9 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-from chameleon_lite.data.parser import parse_scene
-from chameleon_lite.data.render import render_scene
-from chameleon_lite.data.scenes import SceneSampler, WorldConfig
+from chameleon_lite.world.render import render_scene
+from chameleon_lite.world.scene_parser import parse_scene
+from chameleon_lite.world.scenes import SceneSampler, WorldConfig
 
 
 def jpeg(quality: int) -> Callable[[Image.Image], Image.Image]:

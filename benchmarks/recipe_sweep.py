@@ -25,10 +25,10 @@ from chameleon_lite.comparison.config import load_compare_config
 from chameleon_lite.comparison.evaluate import evaluate_qa, evaluate_text_to_image
 from chameleon_lite.comparison.run import precision_overrides
 from chameleon_lite.comparison.training import train_baseline, train_native
-from chameleon_lite.data.parser import parse_scene
-from chameleon_lite.data.shapes_world import load_world_spec
 from chameleon_lite.eval.understanding import reference_answers_from_shards
-from chameleon_lite.pretrained import ChameleonLite
+from chameleon_lite.native.chameleon import ChameleonLite
+from chameleon_lite.world.scene_parser import parse_scene
+from chameleon_lite.world.shapes_world import load_world_spec
 
 CATEGORIES = ("count", "color", "shape", "binding", "spatial", "negation", "existence")
 
@@ -44,12 +44,10 @@ def run_one(name: str, extra: list[str], args: argparse.Namespace) -> dict:
                                train_samples=samples, seed=args.seed,
                                extra=[*precision, *cfg.native.overrides, *extra], progress=False)
         from chameleon_lite.comparison.training import read_loss_curve
-
         val = {key: read_loss_curve(out / "native", key)[-1:] for key in ("val/image_loss", "val/text_loss")}
         model = ChameleonLite.from_pretrained(trained.model_dir)
     else:
-        from chameleon_lite.baseline import BaselineVLM
-
+        from chameleon_lite.baseline.vlm import BaselineVLM
         b = cfg.baseline
         trained = train_baseline(
             b.encoder_recipe, b.stage1_recipe, b.stage2_recipe, out, raw=cfg.data.raw, tokenizer=cfg.data.tokenizer,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from chameleon_lite.data.parser import parse_scene
-from chameleon_lite.data.render import render_scene
-from chameleon_lite.data.scenes import SceneSampler, WorldConfig
+from chameleon_lite.world.render import render_scene
+from chameleon_lite.world.scene_parser import parse_scene
+from chameleon_lite.world.scenes import SceneSampler, WorldConfig
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from chameleon_lite.bundle import load_bundle
 from chameleon_lite.data.pretokenize import tokenize_shards
-from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
+from chameleon_lite.tokenization.bundle import load_bundle
+from chameleon_lite.world.shapes_world import ShapesWorldSpec, write_shapes_world
 
 
 def main() -> None:

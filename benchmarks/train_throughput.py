@@ -21,10 +21,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from chameleon_lite.lit_native import NativeLMModule, decoder_param_groups
-from chameleon_lite.model import DecoderConfig, next_token_loss
-from chameleon_lite.schedules import warmup_cosine
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.model.decoder import DecoderConfig, next_token_loss
+from chameleon_lite.tokenization.vocab import Vocab
+from chameleon_lite.training.lit_native import NativeLMModule, decoder_param_groups
+from chameleon_lite.training.schedules import warmup_cosine
 
 
 def random_batches(vocab: Vocab, n: int, batch_size: int, seq_len: int, seed: int = 0) -> list[dict]:

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from chameleon_lite import __version__
-from chameleon_lite.lightning_cli import LIGHTNING_SUBCOMMANDS, run_lightning_cli
+from chameleon_lite.training.lightning_cli import LIGHTNING_SUBCOMMANDS, run_lightning_cli
 
 
 def _positive_int(text: str) -> int:
@@ -27,21 +27,18 @@ def _positive_int(text: str) -> int:
 def _bundle(name: str) -> str:
     """A bundle path, or the shipped bundle a name such as ``shapes-64`` or ``tokenizers/shapes-64`` means."""
     from chameleon_lite.shipped import resolve_path
-
     return str(resolve_path(name, kind="bundle"))
 
 
 def _recipe(name: str) -> str:
     """A YAML path, or the shipped recipe a name such as ``compare/demo`` or ``configs/compare/demo.yaml`` means."""
     from chameleon_lite.shipped import resolve_path
-
     return str(resolve_path(name, kind="config"))
 
 
 def _bundle_info(args: argparse.Namespace) -> int:
-    from chameleon_lite.bundle import load_bundle
     from chameleon_lite.shipped import describe_shipped
-
+    from chameleon_lite.tokenization.bundle import load_bundle
     if args.list or args.path is None:
         print(describe_shipped())
         return 0
@@ -58,15 +55,14 @@ def _bundle_info(args: argparse.Namespace) -> int:
 
 
 def _data_shapes(args: argparse.Namespace) -> int:
-    from chameleon_lite.data.scenes import WorldConfig
-    from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
+    from chameleon_lite.world.scenes import WorldConfig
+    from chameleon_lite.world.shapes_world import ShapesWorldSpec, write_shapes_world
 
     given = {name: value for name, value in
              {"image_size": args.image_size, "grid": args.grid, "max_objects": args.max_objects}.items()
              if value is not None}  # the rest keep WorldConfig's defaults (64 px, grid 3, 6 objects)
     if args.demo_world:
         from chameleon_lite.comparison.demo import DEMO_WORLD
-
         if given:
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
             raise SystemExit(f"chameleon-lite data shapes: --demo-world sets the world (the demo's 32-px, 2x2-grid "
@@ -87,7 +83,6 @@ def _data_import(args: argparse.Namespace) -> int:
     import json
 
     from chameleon_lite.data.folder_import import import_folder
-
     try:
         summary = import_folder(args.images, args.out, captions=args.captions, qa=args.qa, val=args.val,
                                 test=args.test, seed=args.seed, shard_size=args.shard_size, overwrite=args.overwrite)
@@ -99,8 +94,7 @@ def _data_import(args: argparse.Namespace) -> int:
 
 
 def _data_fashion_mnist(args: argparse.Namespace) -> int:
-    from chameleon_lite.data.fashion_mnist import write_fashion_mnist_folder
-
+    from chameleon_lite.world.fashion_mnist import write_fashion_mnist_folder
     try:
         counts = write_fashion_mnist_folder(args.src, args.out, train=args.train, test=args.test, seed=args.seed)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
@@ -114,13 +108,12 @@ def _data_fashion_mnist(args: argparse.Namespace) -> int:
 def _data_preference_pairs(args: argparse.Namespace) -> int:
     import json
 
-    from chameleon_lite.data.preference_pairs import build_preference_pairs, write_preference_shards
+    from chameleon_lite.world.preference_pairs import build_preference_pairs, write_preference_shards
 
     answer_fn = None
     if args.model:
         from chameleon_lite.comparison.evaluate import answer_questions
-        from chameleon_lite.lit_preference import load_policy
-
+        from chameleon_lite.training.lit_preference import load_policy
         try:
             model = load_policy(args.model).eval()
         except (ValueError, FileNotFoundError) as err:
@@ -138,17 +131,16 @@ def _data_preference_pairs(args: argparse.Namespace) -> int:
 def _eval_tokenizer(args: argparse.Namespace) -> int:
     from itertools import islice
 
-    from chameleon_lite.bundle import load_bundle
     from chameleon_lite.data.readers import pair_dataset
     from chameleon_lite.eval.tokenizer_eval import evaluate_image_tokenizer, format_report
+    from chameleon_lite.tokenization.bundle import load_bundle
 
     bundle = load_bundle(_bundle(args.tokenizer))
     if bundle.image_tokenizer is None:
         raise SystemExit(f"{args.tokenizer} has no image tokenizer to evaluate")
     world = None
     if args.world:
-        from chameleon_lite.data.shapes_world import load_world_spec
-
+        from chameleon_lite.world.shapes_world import load_world_spec
         world = load_world_spec(args.world).world
     dataset = pair_dataset(args.shards, require_text=False)
     images = (s["image"] for s in islice(dataset, args.limit))
@@ -156,7 +148,6 @@ def _eval_tokenizer(args: argparse.Namespace) -> int:
     print(format_report(metrics))
     if args.grid:
         from chameleon_lite.eval.tokenizer_eval import reconstruction_grid
-
         first = [s["image"] for s in islice(pair_dataset(args.shards, require_text=False), 12)]
         reconstruction_grid(bundle.image_tokenizer, first, world=world).save(args.grid)
         print(f"reconstruction grid written to {args.grid}")
@@ -165,9 +156,8 @@ def _eval_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    from chameleon_lite.bundle import load_bundle
     from chameleon_lite.data.pretokenize import tokenize_shards
-
+    from chameleon_lite.tokenization.bundle import load_bundle
     bundle = load_bundle(_bundle(args.tokenizer))
     stats = tokenize_shards(
         bundle, args.shards, args.out, batch_size=args.batch_size, num_workers=args.num_workers
@@ -183,8 +173,7 @@ def _export(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from chameleon_lite.pretrained import export_checkpoint
-
+    from chameleon_lite.native.chameleon import export_checkpoint
     if args.format == "model-dir":
         if not args.ckpt or args.model:
             raise SystemExit("export --format model-dir: give --ckpt (a Lightning checkpoint)")
@@ -194,7 +183,7 @@ def _export(args: argparse.Namespace) -> int:
     if bool(args.ckpt) == bool(args.model):
         raise SystemExit("export --format transformers: give either --model (a model directory) or --ckpt")
     try:
-        from chameleon_lite.hf_export import export_transformers
+        from chameleon_lite.native.hf_export import export_transformers
     except ImportError as err:
         raise SystemExit(f"export --format transformers needs transformers ({err}); pip install transformers") from err
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,8 +197,7 @@ def _export(args: argparse.Namespace) -> int:
 def _images(args: argparse.Namespace) -> list:
     from PIL import Image
 
-    from chameleon_lite.image_preprocessing import to_rgb
-
+    from chameleon_lite.tokenization.image_preprocessing import to_rgb
     images = []
     for path in args.image or []:
         try:
@@ -232,9 +220,8 @@ def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from chameleon_lite import ChameleonLite
-    from chameleon_lite.baseline import BaselineVLM
-    from chameleon_lite.pretrained import model_dir_kind
-
+    from chameleon_lite.baseline.vlm import BaselineVLM
+    from chameleon_lite.model.model_dir import model_dir_kind
     try:
         kind = model_dir_kind(args.model)  # validated (plain YAML, a mapping) before anything reads it
     except ValueError as err:
@@ -286,8 +273,7 @@ def _compare(args: argparse.Namespace) -> int:
     from chameleon_lite.comparison.config import CompareConfigError
     from chameleon_lite.comparison.progress import headline_lines
     from chameleon_lite.comparison.run import compare
-    from chameleon_lite.lightning_cli import quiet_lightning
-
+    from chameleon_lite.training.lightning_cli import quiet_lightning
     try:
         with quiet_lightning():  # the comparison's own lines and progress bar, not Lightning's banners per stage
             result = compare(_recipe(args.config), args.out, overrides=args.set or [], progress=not args.no_progress)
@@ -300,7 +286,6 @@ def _compare(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from chameleon_lite.comparison.demo import demo
     from chameleon_lite.comparison.progress import headline_lines
-
     report = demo(args.out, overrides=args.set or [], progress=not args.no_progress)
     print("\n".join(headline_lines(report)))  # the QA table, then the report's path
     return 0
@@ -324,10 +309,8 @@ def _learning_curve(args: argparse.Namespace) -> int:
         raise SystemExit(f"learning-curve: {err}") from err
     if args.demo_world:
         from chameleon_lite.comparison.demo import prepare_demo_data
-
         overrides = [*prepare_demo_data(args.out, args.config, progress=not args.no_progress), *overrides]
-    from chameleon_lite.lightning_cli import quiet_lightning
-
+    from chameleon_lite.training.lightning_cli import quiet_lightning
     with quiet_lightning():
         learning_curve(args.config, args.out, budgets, overrides=overrides, progress=not args.no_progress)
     print(Path(args.out, "curve.md").read_text(encoding="utf-8").split("## Training time")[0])
@@ -336,7 +319,6 @@ def _learning_curve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from chameleon_lite.shipped import describe_shipped
-
     parser = argparse.ArgumentParser(prog="chameleon-lite", description=__doc__.splitlines()[0],
                                      epilog=describe_shipped(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"chameleon-lite {__version__}")

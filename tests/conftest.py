@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from chameleon_lite.text_tokenizer import TextTokenizer
+from chameleon_lite.tokenization.text_tokenizer import TextTokenizer
 
 CORPUS = [
     "a small red circle left of a large blue square",

@@ -6,19 +6,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from chameleon_lite.baseline import (
+from chameleon_lite.baseline.projectors import ProjectorConfig
+from chameleon_lite.baseline.vision_encoder import ViTConfig
+from chameleon_lite.baseline.vlm import (
     BaselineConfig,
     BaselineVLM,
     expand_placeholders,
     next_token_targets,
     parameter_counts,
 )
-from chameleon_lite.bundle import load_bundle
 from chameleon_lite.data.baseline_data import load_image_text_samples, vlm_batch
-from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
-from chameleon_lite.model import IGNORE_INDEX, DecoderConfig
-from chameleon_lite.projectors import ProjectorConfig
-from chameleon_lite.vision_encoder import ViTConfig
+from chameleon_lite.model.decoder import IGNORE_INDEX, DecoderConfig
+from chameleon_lite.tokenization.bundle import load_bundle
+from chameleon_lite.world.shapes_world import ShapesWorldSpec, write_shapes_world
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "tokenizers" / "shapes-64"
@@ -92,7 +92,6 @@ def test_forward_shapes_and_text_only_loss(bundle, world, kind, tokens):
 def test_qa_per_image_rows_chain_the_questions_about_one_image(bundle, world):
     from chameleon_lite.data.baseline_data import qa_groups
     from chameleon_lite.data.baseline_datamodule import BaselineDataModule
-
     samples, _ = load_image_text_samples(str(world / "val" / "*.tar"), bundle, progress=False)
     groups = qa_groups(samples)
     assert len(groups) == 8 and all(len(g) == 2 for g in groups)  # 8 scenes, 2 questions each
@@ -128,7 +127,6 @@ def test_qa_per_image_rows_chain_the_questions_about_one_image(bundle, world):
 
 def test_length_grouped_batches_are_seeded_disjoint_and_similar_in_length():
     from chameleon_lite.data.baseline_datamodule import length_grouped_batches
-
     lengths = [(i * 37) % 200 for i in range(1000)]
     a = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(1), window=10)
     b = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(1), window=10)
@@ -149,8 +147,7 @@ def test_image_changes_the_prediction(bundle, world):
 
 
 def _fit(recipe: Path, run: Path, world: Path, steps: int, extra: list[str]) -> dict[int, float]:
-    from chameleon_lite.lightning_cli import run_lightning_cli
-
+    from chameleon_lite.training.lightning_cli import run_lightning_cli
     run_lightning_cli(["fit", "--config", str(recipe),
                        f"--data.init_args.train_shards={world / 'train' / '*.tar'}",
                        f"--data.init_args.val_shards={world / 'val' / '*.tar'}",
@@ -192,7 +189,7 @@ def _with_fresh_projector(model: BaselineVLM, seed: int) -> BaselineVLM:
 
 def test_three_stages_train_freeze_and_export(bundle, world, tmp_path):
     """Encoder pretraining, stage 1 and stage 2 each lower their loss; stage 1 trains the projector only."""
-    from chameleon_lite.lit_baseline import BaselineVLMModule, load_vision_encoder
+    from chameleon_lite.training.lit_baseline import BaselineVLMModule, load_vision_encoder
 
     enc = _fit(CONFIGS / "encoder_tiny.yaml", tmp_path / "enc", world, 25, TINY_VIT)
     assert _drop(enc) > 0.3, enc
@@ -276,9 +273,8 @@ def test_sample_loader_cache_gives_the_same_samples(bundle, world, tmp_path):
 
 
 def test_stage_initialisation_names_a_mismatched_field(bundle, tmp_path):
-    from chameleon_lite.baseline_io import write_baseline_dir
-    from chameleon_lite.lit_baseline import BaselineVLMModule
-
+    from chameleon_lite.baseline.vlm import write_baseline_dir
+    from chameleon_lite.training.lit_baseline import BaselineVLMModule
     model = _tiny_model(bundle)
     write_baseline_dir(model, BUNDLE, tmp_path / "stage1")
     c = model.config

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from chameleon_lite.bundle import CONFIG_FILE, TEXT_FILE, TokenizerBundle, load_bundle, save_bundle
 from chameleon_lite.safe_io import read_manifest
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.tokenization.bundle import CONFIG_FILE, TEXT_FILE, TokenizerBundle, load_bundle, save_bundle
+from chameleon_lite.tokenization.vocab import Vocab
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from chameleon_lite.checkpoint_io import AtomicCheckpointIO
+from chameleon_lite.training.checkpoint_io import AtomicCheckpointIO
 
 
 def test_save_load_round_trip(tmp_path):

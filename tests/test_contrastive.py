@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chameleon_lite.contrastive import (
+from chameleon_lite.baseline.contrastive import (
     ContrastiveConfig,
     ContrastiveModel,
     TextEncoder,
@@ -18,7 +18,7 @@ from chameleon_lite.contrastive import (
     retrieval_recall_at_k,
     siglip_loss,
 )
-from chameleon_lite.vision_encoder import VisionEncoder, ViTConfig
+from chameleon_lite.baseline.vision_encoder import VisionEncoder, ViTConfig
 
 PAD = 3
 TEXT = TextEncoderConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, max_len=16, pad_id=PAD)

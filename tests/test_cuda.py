@@ -22,16 +22,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from chameleon_lite.attention import attend, build_attention_mask, flex_attention_available, xformers_available
-from chameleon_lite.bundle import load_bundle
-from chameleon_lite.fast_decode import FastDecodeStep
-from chameleon_lite.generation import generate_ids
-from chameleon_lite.lit_native import NativeLMModule, decoder_param_groups
-from chameleon_lite.model import Decoder, DecoderConfig, next_token_loss
-from chameleon_lite.perf import find_loss_spikes, synthetic_packed_batch
-from chameleon_lite.sampling import SamplingParams
-from chameleon_lite.static_decode import CUDAGraphDecodeStep, StaticDecodeStep
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.generation.fast_decode import FastDecodeStep
+from chameleon_lite.generation.native import generate_ids
+from chameleon_lite.generation.sampling import SamplingParams
+from chameleon_lite.generation.static_decode import CUDAGraphDecodeStep, StaticDecodeStep
+from chameleon_lite.model.attention import attend, build_attention_mask, flex_attention_available, xformers_available
+from chameleon_lite.model.decoder import Decoder, DecoderConfig, next_token_loss
+from chameleon_lite.tokenization.bundle import load_bundle
+from chameleon_lite.tokenization.vocab import Vocab
+from chameleon_lite.training.lit_native import NativeLMModule, decoder_param_groups
+from chameleon_lite.training.perf import find_loss_spikes, synthetic_packed_batch
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 needs_xformers = pytest.mark.skipif(not xformers_available(), reason="xformers is not installed")

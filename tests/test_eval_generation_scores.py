@@ -7,9 +7,6 @@ import json
 
 import pytest
 
-from chameleon_lite.data.parser import parse_scene
-from chameleon_lite.data.render import render_scene
-from chameleon_lite.data.scenes import Scene, SceneObject, WorldConfig
 from chameleon_lite.eval.generation_scores import (
     GENERATION_METRICS,
     SpatialRelation,
@@ -19,6 +16,9 @@ from chameleon_lite.eval.generation_scores import (
     score_generation,
     verdict,
 )
+from chameleon_lite.world.render import render_scene
+from chameleon_lite.world.scene_parser import parse_scene
+from chameleon_lite.world.scenes import Scene, SceneObject, WorldConfig
 
 
 def obj(shape, color, row, col, size="large"):

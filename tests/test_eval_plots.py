@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from chameleon_lite.data.render import render_scene
-from chameleon_lite.data.scenes import Scene, SceneObject
 from chameleon_lite.eval.plots import image_grid_with_captions, plot_accuracy_per_category, plot_loss_curves
+from chameleon_lite.world.render import render_scene
+from chameleon_lite.world.scenes import Scene, SceneObject
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -6,8 +6,6 @@ import json
 
 import pytest
 
-from chameleon_lite.data.scenes import WorldConfig
-from chameleon_lite.data.shapes_world import ShapesWorldSpec, iter_samples
 from chameleon_lite.data.shards import write_shards
 from chameleon_lite.eval.understanding import (
     QARecord,
@@ -18,11 +16,13 @@ from chameleon_lite.eval.understanding import (
     held_out_accuracy,
     is_correct,
     majority_chance,
-    normalize_answer,
     pope_metrics,
     reference_answers_from_shards,
     summarize_qa,
 )
+from chameleon_lite.world.language import normalize_answer
+from chameleon_lite.world.scenes import WorldConfig
+from chameleon_lite.world.shapes_world import ShapesWorldSpec, iter_samples
 
 
 def rec(prediction, answer, category="count", pope_type=None, held_out=None):

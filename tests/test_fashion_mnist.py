@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chameleon_lite.data.fashion_mnist import CLASSES, FOOTWEAR, read_idx, write_fashion_mnist_folder
 from chameleon_lite.data.folder_import import import_folder
-from chameleon_lite.data.language import with_article
 from chameleon_lite.data.readers import pair_dataset, qa_dataset
+from chameleon_lite.world.fashion_mnist import CLASSES, FOOTWEAR, read_idx, write_fashion_mnist_folder
+from chameleon_lite.world.language import with_article
 
 
 def _idx(path: Path, array: np.ndarray, gz: bool = True) -> None:

@@ -1,4 +1,5 @@
-"""The lean decode step (chameleon_lite.fast_decode) computes what Decoder.forward computes, and the engine's fast
+"""The lean decode step (chameleon_lite.generation.fast_decode) computes what Decoder.forward computes, and the
+engine's fast
 path produces what the plain forward path produces."""
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from chameleon_lite.fast_decode import SERIAL_MAX_D_MODEL, FastDecodeStep, IntraOpThreads, decode_threads
-from chameleon_lite.generation import generate_ids
-from chameleon_lite.model import Decoder, DecoderConfig
-from chameleon_lite.sampling import SamplingParams
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.generation.fast_decode import SERIAL_MAX_D_MODEL, FastDecodeStep, IntraOpThreads, decode_threads
+from chameleon_lite.generation.native import generate_ids
+from chameleon_lite.generation.sampling import SamplingParams
+from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.tokenization.vocab import Vocab
 
 TINY = DecoderConfig(vocab_size=90, pad_vocab_to_multiple_of=32, d_model=32, n_layers=2, n_heads=4, mlp_hidden=48,
                      max_seq_len=48, init_std=0.3, attention_backend="sdpa")

@@ -9,15 +9,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from chameleon_lite import attention
-from chameleon_lite.attention import (
+from chameleon_lite.model import attention
+from chameleon_lite.model.attention import (
     attend,
     build_attention_mask,
     flex_attention_available,
     positions_from_document_ids,
     resolve_backend,
 )
-from chameleon_lite.model import Decoder, DecoderConfig
+from chameleon_lite.model.decoder import Decoder, DecoderConfig
 
 pytestmark = pytest.mark.skipif(not flex_attention_available(), reason="this torch has no flex_attention")
 

@@ -138,9 +138,8 @@ def test_import_never_replaces_what_it_did_not_write(folder, tmp_path):
 
 @pytest.mark.skipif(not (REPO / "tokenizers" / "shapes-32").is_dir(), reason="needs the shipped shapes-32 bundle")
 def test_imported_shards_pre_tokenize(folder, tmp_path):
-    from chameleon_lite.bundle import load_bundle
     from chameleon_lite.data.pretokenize import tokenize_shards
-
+    from chameleon_lite.tokenization.bundle import load_bundle
     out = tmp_path / "data"
     summary = import_folder(folder, out, captions=folder / "captions.jsonl", qa=folder / "qa.jsonl", val=0.1,
                             test=0.2, progress=False)

@@ -20,17 +20,18 @@ import pytest
 import torch
 from PIL import Image
 
-from chameleon_lite.baseline import BaselineConfig, BaselineVLM
-from chameleon_lite.baseline_generation import generate as baseline_generate
-from chameleon_lite.bundle import TokenizerBundle, load_bundle
-from chameleon_lite.generation import ImageCodeCache, generate_ids
-from chameleon_lite.generation import generate as native_generate
-from chameleon_lite.image_tokenizer import ImageTokenizerConfig, VQImageTokenizer
-from chameleon_lite.model import Decoder, DecoderConfig
-from chameleon_lite.projectors import ProjectorConfig
-from chameleon_lite.sampling import SamplingParams
-from chameleon_lite.vision_encoder import ViTConfig
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.baseline.projectors import ProjectorConfig
+from chameleon_lite.baseline.vision_encoder import ViTConfig
+from chameleon_lite.baseline.vlm import BaselineConfig, BaselineVLM
+from chameleon_lite.generation.baseline import generate as baseline_generate
+from chameleon_lite.generation.native import ImageCodeCache, generate_ids
+from chameleon_lite.generation.native import generate as native_generate
+from chameleon_lite.generation.sampling import SamplingParams
+from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.tokenization.bundle import TokenizerBundle, load_bundle
+from chameleon_lite.tokenization.image_tokenizer import VQImageTokenizer
+from chameleon_lite.tokenization.image_tokenizer_config import ImageTokenizerConfig
+from chameleon_lite.tokenization.vocab import Vocab
 
 BUNDLE = Path(__file__).resolve().parents[1] / "tokenizers" / "shapes-64"
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes up to this (negative seeds wrap onto it)
@@ -118,8 +119,7 @@ def test_bad_generation_arguments_are_refused_naming_them(native, baseline, arm,
 
 def test_baseline_stream_checks_its_arguments_when_called(baseline) -> None:
     """As the native ``stream``: a bad argument raises at the call, not at the first ``next()``."""
-    from chameleon_lite.baseline_generation import stream
-
+    from chameleon_lite.generation.baseline import stream
     for kwargs, name in [({"seed": 2**70}, "seed"), ({"temperature": math.inf}, "temperature"),
                          ({"stop_ids": ["x"]}, "stop_ids"), ({"mode": "image"}, "mode")]:
         with pytest.raises((ValueError, TypeError), match=name):

@@ -1,4 +1,4 @@
-"""Tests of the generation engine (chameleon_lite.generation) on a tiny random decoder and vocabulary."""
+"""Tests of the generation engine (chameleon_lite.generation.native) on a tiny random decoder and vocabulary."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from chameleon_lite.bundle import TokenizerBundle
-from chameleon_lite.generation import (
+from chameleon_lite.generation.native import (
     ImageCodeCache,
     build_prompt_ids,
     generate,
@@ -19,10 +18,12 @@ from chameleon_lite.generation import (
     join_stream,
     stream,
 )
-from chameleon_lite.image_tokenizer import ImageTokenizerConfig, VQImageTokenizer
-from chameleon_lite.model import Decoder, DecoderConfig
-from chameleon_lite.sampling import ModalityConstraint, SamplingParams, TopK, TopP
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.generation.sampling import ModalityConstraint, SamplingParams, TopK, TopP
+from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.tokenization.bundle import TokenizerBundle
+from chameleon_lite.tokenization.image_tokenizer import VQImageTokenizer
+from chameleon_lite.tokenization.image_tokenizer_config import ImageTokenizerConfig
+from chameleon_lite.tokenization.vocab import Vocab
 
 GRID = (2, 3)
 VOCAB = Vocab(n_text=24, codebook_size=16)
@@ -419,16 +420,14 @@ def test_high_level_errors(tiny_model, prompts, kwargs: dict, name: str) -> None
 
 def test_cli_generate_writes_text_and_images(tmp_path, capsys) -> None:
     """`chameleon-lite generate` on an exported (random, tiny) model: text to stdout, images as PNG files."""
-    from chameleon_lite.bundle import load_bundle
     from chameleon_lite.cli import main
-    from chameleon_lite.pretrained import export_model_dir
-
+    from chameleon_lite.native.chameleon import export_model_dir
+    from chameleon_lite.tokenization.bundle import load_bundle
     bundle = load_bundle(Path(__file__).resolve().parents[1] / "tokenizers" / "shapes-64")
     torch.manual_seed(0)
     decoder = Decoder(DecoderConfig(vocab_size=bundle.vocab.size, d_model=32, n_layers=1, n_heads=2, max_seq_len=160))
     export_model_dir(decoder, bundle, tmp_path / "model")
     from chameleon_lite import ChameleonLite
-
     render = Image.new("RGB", (64, 64), "white")
     render.paste((255, 0, 0), (20, 20, 44, 44))
     render.save(tmp_path / "scene.png")
@@ -449,7 +448,6 @@ def test_cli_generate_writes_text_and_images(tmp_path, capsys) -> None:
     clear.paste((255, 0, 0, 255), (20, 20, 44, 44))
     clear.save(tmp_path / "clear.png")
     from chameleon_lite.cli import _images
-
     (read,) = _images(argparse.Namespace(image=[str(tmp_path / "clear.png")]))
     assert read.mode == "RGB" and read.getpixel((0, 0)) == (255, 255, 255) and read.getpixel((30, 30)) == (255, 0, 0)
     (tmp_path / "bad.png").write_bytes(b"not an image")

@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 
-from chameleon_lite.bundle import load_bundle
-from chameleon_lite.engine import generate_ids
-from chameleon_lite.model import Decoder, DecoderConfig
-from chameleon_lite.pretrained import ChameleonLite, export_model_dir
-from chameleon_lite.sampling import SamplingParams
+from chameleon_lite.generation.engine import generate_ids
+from chameleon_lite.generation.sampling import SamplingParams
+from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.native.chameleon import ChameleonLite, export_model_dir
 from chameleon_lite.shipped import resolve_path
+from chameleon_lite.tokenization.bundle import load_bundle
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,7 +25,6 @@ NEW_TOKENS = 24
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     from chameleon_lite.cli import main
-
     tmp = tmp_path_factory.mktemp("hf_export")
     bundle = load_bundle(resolve_path("shapes-32", kind="bundle"))
     torch.manual_seed(0)

@@ -25,16 +25,16 @@ from chameleon_lite.eval.image_metrics import (
     psnr,
     ssim,
 )
-from chameleon_lite.image_tokenizer import (
+from chameleon_lite.tokenization.image_tokenizer import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    ImageTokenizerConfig,
     VQImageTokenizer,
     preprocess_images,
     to_pil,
 )
-from chameleon_lite.patch_discriminator import PatchDiscriminator
-from chameleon_lite.tokenizer_module import VQTokenizerModule
+from chameleon_lite.tokenization.image_tokenizer_config import ImageTokenizerConfig
+from chameleon_lite.tokenization.patch_discriminator import PatchDiscriminator
+from chameleon_lite.training.lit_vq_tokenizer import VQTokenizerModule
 
 DOWNSAMPLE_MULTS = {4: [1, 2, 2], 8: [1, 2, 2, 2]}
 
@@ -254,7 +254,6 @@ def test_prompt_images_get_the_training_colour_conversion(mode: str, pad_color: 
     import io
 
     from chameleon_lite.data.decoding import decode_image
-
     image = _half_transparent(mode)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -15,18 +15,12 @@ from lightning.pytorch.loggers.logger import Logger
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from chameleon_lite.bundle import load_bundle
-from chameleon_lite.lit_native import ExportModelDir, NativeLMModule, decoder_param_groups, flops_per_token
-from chameleon_lite.model import Decoder, DecoderConfig
-from chameleon_lite.pretrained import (
-    CONFIG_FILE,
-    TOKENIZER_DIR,
-    WEIGHTS_FILE,
-    ChameleonLite,
-    export_checkpoint,
-    export_model_dir,
-)
-from chameleon_lite.schedules import warmup_cosine
+from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.model.model_dir import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE
+from chameleon_lite.native.chameleon import ChameleonLite, export_checkpoint, export_model_dir
+from chameleon_lite.tokenization.bundle import load_bundle
+from chameleon_lite.training.lit_native import ExportModelDir, NativeLMModule, decoder_param_groups, flops_per_token
+from chameleon_lite.training.schedules import warmup_cosine
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "tokenizers" / "shapes-64"

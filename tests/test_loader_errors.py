@@ -10,11 +10,11 @@ import pytest
 import torch
 from test_safe_io import SHIPPED, tiny_baseline, tiny_checkpoint, tiny_decoder
 
-from chameleon_lite.baseline_io import load_baseline_dir, write_baseline_dir
-from chameleon_lite.bundle import TokenizerBundle, load_bundle
+from chameleon_lite.baseline.vlm import load_baseline_dir, write_baseline_dir
 from chameleon_lite.cli import main as cli_main
-from chameleon_lite.pretrained import export_checkpoint, export_model_dir
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.native.chameleon import export_checkpoint, export_model_dir
+from chameleon_lite.tokenization.bundle import TokenizerBundle, load_bundle
+from chameleon_lite.tokenization.vocab import Vocab
 
 
 @pytest.fixture
@@ -190,9 +190,8 @@ N_FUZZ = 150
 
 
 def test_mutated_config_files_load_or_raise_naming_the_file(tmp_path, bundle):
-    from chameleon_lite.data.shapes_world import ShapesWorldSpec, load_world_spec, write_shapes_world
-    from chameleon_lite.pretrained import load_model_config
-
+    from chameleon_lite.native.chameleon import load_model_config
+    from chameleon_lite.world.shapes_world import ShapesWorldSpec, load_world_spec, write_shapes_world
     native = export_model_dir(tiny_decoder(bundle), bundle, tmp_path / "native")
     base = write_baseline_dir(tiny_baseline(bundle), bundle, tmp_path / "baseline")
     world = tmp_path / "world"
@@ -254,9 +253,8 @@ def test_every_config_value_replaced_by_an_odd_one_loads_or_is_named(tmp_path, b
     import re
     import signal
 
-    from chameleon_lite.data.shapes_world import ShapesWorldSpec, load_world_spec, write_shapes_world
-    from chameleon_lite.pretrained import ChameleonLite
-
+    from chameleon_lite.native.chameleon import ChameleonLite
+    from chameleon_lite.world.shapes_world import ShapesWorldSpec, load_world_spec, write_shapes_world
     def too_slow(*args):
         raise TimeoutError("a load took more than 20 s")
 
@@ -316,7 +314,7 @@ def test_an_image_tokenizer_config_claiming_a_huge_model_is_refused_without_buil
     save_file(load_file(str(weights)), str(weights), metadata=metadata)
     cfg = shipped_copy / "tokenizer.yaml"
     cfg.write_text(cfg.read_text().replace("base_channels: 16", "base_channels: 256"))
-    code = ("import resource\nfrom chameleon_lite.bundle import load_bundle\n"
+    code = ("import resource\nfrom chameleon_lite.tokenization.bundle import load_bundle\n"
             f"try:\n    load_bundle({str(shipped_copy)!r})\nexcept ValueError as err:\n    print('REFUSED', err)\n"
             "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
             # VmHWM is this process image's own peak; ru_maxrss also carries the forking pytest process's size
@@ -334,8 +332,8 @@ def test_a_vision_encoder_directory_names_its_faults(tmp_path):
     other shapes than the file holds are ValueErrors naming the files, raised before anything is built."""
     from safetensors.torch import save_file
 
-    from chameleon_lite.lit_baseline import load_vision_encoder
-    from chameleon_lite.vision_encoder import VisionEncoder, ViTConfig
+    from chameleon_lite.baseline.vision_encoder import VisionEncoder, ViTConfig
+    from chameleon_lite.training.lit_baseline import load_vision_encoder
 
     enc = tmp_path / "encoder"
     enc.mkdir()

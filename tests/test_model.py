@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from chameleon_lite.attention import (
+from chameleon_lite.model.attention import (
     KVCache,
     build_attention_mask,
     document_lengths,
@@ -19,7 +19,7 @@ from chameleon_lite.attention import (
     resolve_backend,
     xformers_available,
 )
-from chameleon_lite.model import Decoder, DecoderConfig, next_token_loss
+from chameleon_lite.model.decoder import Decoder, DecoderConfig, next_token_loss
 
 TINY = DecoderConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=64, max_seq_len=64,
                      attention_backend="sdpa")
@@ -49,8 +49,7 @@ def _hf_model(config: DecoderConfig, seed: int):
     pytest.importorskip("transformers")
     from transformers import ChameleonForConditionalGeneration
 
-    from chameleon_lite.hf_port import hf_chameleon_config
-
+    from chameleon_lite.model.hf_port import hf_chameleon_config
     vocabulary_map = {"<image>": 95, **{f"IMGIMG{chr(ord('A') + i)}Z": t for i, t in enumerate(IMAGE_IDS)}}
     hf_config = hf_chameleon_config(config, vocabulary_map=vocabulary_map, attn_implementation="eager")
     torch.manual_seed(seed)
@@ -72,7 +71,7 @@ def _hf_model(config: DecoderConfig, seed: int):
     "swin_norm, n_kv_heads, tie", [(False, 4, False), (True, 4, False), (False, 2, False), (True, 2, True)]
 )
 def test_logits_match_hf_chameleon(swin_norm: bool, n_kv_heads: int, tie: bool) -> None:
-    from chameleon_lite.hf_port import export_hf_chameleon_state, load_hf_chameleon_state
+    from chameleon_lite.model.hf_port import export_hf_chameleon_state, load_hf_chameleon_state
 
     config = replace(TINY, swin_norm=swin_norm, n_kv_heads=n_kv_heads, tie_embeddings=tie, qk_norm=True)
     hf = _hf_model(config, seed=3)
@@ -105,7 +104,7 @@ def test_logits_match_hf_chameleon(swin_norm: bool, n_kv_heads: int, tie: bool) 
 
 def test_hf_config_round_trip_and_limits() -> None:
     pytest.importorskip("transformers")
-    from chameleon_lite.hf_port import decoder_config_from_hf, hf_chameleon_config
+    from chameleon_lite.model.hf_port import decoder_config_from_hf, hf_chameleon_config
 
     config = replace(TINY, swin_norm=True, rope_theta=5000.0, norm_eps=1e-6)
     back = decoder_config_from_hf(hf_chameleon_config(config), attention_backend="sdpa",
@@ -283,7 +282,7 @@ def test_resolve_backend(caplog) -> None:
     with pytest.raises(ValueError, match="CUDA"):
         make_decoder(attention_backend="xformers")(random_ids(1, 4))
     model = make_decoder(attention_backend="auto")
-    with caplog.at_level(logging.INFO, logger="chameleon_lite.model"):
+    with caplog.at_level(logging.INFO, logger="chameleon_lite.model.decoder"):
         model(random_ids(1, 4))
         model(random_ids(1, 4))
     messages = [r.getMessage() for r in caplog.records if "attention backend" in r.getMessage()]

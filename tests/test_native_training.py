@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chameleon_lite.bundle import load_bundle
 from chameleon_lite.data.pretokenize import tokenize_shards
-from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
+from chameleon_lite.tokenization.bundle import load_bundle
+from chameleon_lite.world.shapes_world import ShapesWorldSpec, write_shapes_world
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "configs" / "native" / "tiny.yaml"
@@ -70,8 +70,7 @@ def _losses(run: Path) -> dict[int, float]:
 @pytest.mark.skipif(not BUNDLE.is_dir(), reason="needs the shipped tokenizer bundle")
 def test_fit_lowers_loss_and_exports(tokens, tmp_path):
     from chameleon_lite import ChameleonLite
-    from chameleon_lite.lightning_cli import run_lightning_cli
-
+    from chameleon_lite.training.lightning_cli import run_lightning_cli
     run = tmp_path / "run"
     run_lightning_cli(["fit", "--config", str(TINY_RECIPE), *_overrides(tokens, run, 30)])
     losses = _losses(run)
@@ -86,8 +85,7 @@ def test_fit_lowers_loss_and_exports(tokens, tmp_path):
 @pytest.mark.skipif(not BUNDLE.is_dir(), reason="needs the shipped tokenizer bundle")
 def test_resume_is_exact(tokens, tmp_path):
     """Stopped after 4 steps and resumed from its checkpoint, a run logs the same losses for steps 5..8."""
-    from chameleon_lite.lightning_cli import run_lightning_cli
-
+    from chameleon_lite.training.lightning_cli import run_lightning_cli
     ckpt = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
             "--trainer.callbacks.every_n_train_steps=4", "--trainer.callbacks.save_top_k=-1"]
     full = tmp_path / "full"
@@ -107,8 +105,7 @@ def test_ddp_two_processes_on_cpu(tokens, tmp_path):
     same initial weights, before any update, reduced over the ranks) equals the single process's. A rank that read
     the other's rows, or the same rows twice, would log the loss of another set of rows."""
     from chameleon_lite import ChameleonLite
-    from chameleon_lite.lightning_cli import run_lightning_cli
-
+    from chameleon_lite.training.lightning_cli import run_lightning_cli
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "chameleon_lite.cli", "fit", "--config", str(TINY_RECIPE),
            *_overrides(tokens, run, 3), "--trainer.devices=2", "--trainer.strategy=ddp"]

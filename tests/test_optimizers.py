@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from chameleon_lite.optimizers import clip_fused_directly, use_fused_adamw
+from chameleon_lite.training.optimizers import clip_fused_directly, use_fused_adamw
 from tests.test_cuda import SMALL, fit_native, packed_batches, vocab  # noqa: F401  (vocab is a fixture)
 
 
@@ -44,7 +44,7 @@ def test_unfused_or_scaled_gradients_are_left_to_lightning():
 
 def test_native_module_trains_bf16_mixed_with_fused_adamw_and_clipping(monkeypatch, vocab, tmp_path):  # noqa: F811
     """The trainer's gradient_clip_val=1.0 with a fused AdamW under bf16-mixed: Lightning alone raises here."""
-    monkeypatch.setattr("chameleon_lite.lit_native.use_fused_adamw", lambda module, params: True)
+    monkeypatch.setattr("chameleon_lite.training.lit_native.use_fused_adamw", lambda module, params: True)
     small = SMALL.__class__(**{**SMALL.__dict__, "d_model": 64, "n_layers": 2})
     losses = fit_native(vocab, packed_batches(vocab, 2, batch_size=2, seq_len=64, alphabet=16, text_len=(8, 16)), 3,
                         accelerator="cpu", precision="bf16-mixed", tmp_path=tmp_path, model=small)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from chameleon_lite.data.parser import label_components, parse_objects, parse_scene, parse_to_scene
-from chameleon_lite.data.render import render_scene
-from chameleon_lite.data.scenes import Scene, SceneObject, SceneSampler, WorldConfig
+from chameleon_lite.world.render import render_scene
+from chameleon_lite.world.scene_parser import label_components, parse_objects, parse_scene, parse_to_scene
+from chameleon_lite.world.scenes import Scene, SceneObject, SceneSampler, WorldConfig
 
 CONFIG = WorldConfig()
 FRESH_SEED = 80_808_080  # never used while developing the parser

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from chameleon_lite import perf
-from chameleon_lite.attention import positions_from_document_ids
-from chameleon_lite.lit_native import check_batch, flops_per_token
-from chameleon_lite.model import Decoder, DecoderConfig
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.model.attention import positions_from_document_ids
+from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.tokenization.vocab import Vocab
+from chameleon_lite.training import perf
+from chameleon_lite.training.lit_native import check_batch, flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 # head_dim 4, GQA 2:1, padded vocab 128 (logical 100)

@@ -18,10 +18,10 @@ import math
 import pytest
 import torch
 
-from chameleon_lite import perf
-from chameleon_lite.model import Decoder, DecoderConfig, next_token_loss
-from chameleon_lite.perf import fastest_cpu_precision, synthetic_packed_batch
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.model.decoder import Decoder, DecoderConfig, next_token_loss
+from chameleon_lite.tokenization.vocab import Vocab
+from chameleon_lite.training import perf
+from chameleon_lite.training.perf import fastest_cpu_precision, synthetic_packed_batch
 
 VOCAB = Vocab(n_text=228, codebook_size=64)  # 300 ids
 STEPS = 30

@@ -13,21 +13,21 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from chameleon_lite.data.preference_pairs import (
-    build_preference_pairs,
-    perturb_scene,
-    read_preference_pairs,
-    write_preference_shards,
-)
-from chameleon_lite.data.scenes import Scene, SceneObject
-from chameleon_lite.lit_preference import (
+from chameleon_lite.model.decoder import IGNORE_INDEX
+from chameleon_lite.training.lit_preference import (
     dpo_loss,
     response_lengths,
     response_logps,
     response_rows,
     sequence_logps,
 )
-from chameleon_lite.model import IGNORE_INDEX
+from chameleon_lite.world.preference_pairs import (
+    build_preference_pairs,
+    perturb_scene,
+    read_preference_pairs,
+    write_preference_shards,
+)
+from chameleon_lite.world.scenes import Scene, SceneObject
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "tokenizers" / "shapes-32"
@@ -61,8 +61,8 @@ def test_response_logps_sums_only_the_response_targets():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     from chameleon_lite.comparison.demo import DEMO_WORLD
-    from chameleon_lite.data.scenes import WorldConfig
-    from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
+    from chameleon_lite.world.scenes import WorldConfig
+    from chameleon_lite.world.shapes_world import ShapesWorldSpec, write_shapes_world
 
     root = tmp_path_factory.mktemp("prefs") / "raw"
     write_shapes_world(ShapesWorldSpec(train=16, val=4, test=4, seed=5, world=WorldConfig(**DEMO_WORLD["world"])),
@@ -72,14 +72,12 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
-    from chameleon_lite.baseline import BaselineConfig, BaselineVLM
-    from chameleon_lite.baseline_io import write_baseline_dir
-    from chameleon_lite.bundle import load_bundle
-    from chameleon_lite.model import Decoder, DecoderConfig
-    from chameleon_lite.pretrained import export_model_dir
-    from chameleon_lite.projectors import ProjectorConfig
-    from chameleon_lite.vision_encoder import ViTConfig
-
+    from chameleon_lite.baseline.projectors import ProjectorConfig
+    from chameleon_lite.baseline.vision_encoder import ViTConfig
+    from chameleon_lite.baseline.vlm import BaselineConfig, BaselineVLM, write_baseline_dir
+    from chameleon_lite.model.decoder import Decoder, DecoderConfig
+    from chameleon_lite.native.chameleon import export_model_dir
+    from chameleon_lite.tokenization.bundle import load_bundle
     root = tmp_path_factory.mktemp("models")
     bundle = load_bundle(BUNDLE, load_image_tokenizer=False)
     decoder = DecoderConfig(vocab_size=bundle.vocab.size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -183,8 +181,7 @@ def test_pairs_round_trip_through_shards(world, tmp_path):
 # ---------------------------------------------------------------------------------------------- scoring and training
 @pytest.mark.parametrize("arm", ["native", "baseline"])
 def test_rows_score_the_response_after_the_generation_prompt(arm, world, model_dirs):
-    from chameleon_lite.lit_preference import load_policy
-
+    from chameleon_lite.training.lit_preference import load_policy
     model = load_policy(model_dirs[arm]).eval()
     pairs, _ = build_preference_pairs(world, pairs=6, seed=0)
     rows = response_rows(model, pairs, "chosen")
@@ -203,8 +200,7 @@ def test_rows_score_the_response_after_the_generation_prompt(arm, world, model_d
 
 @pytest.mark.parametrize("arm", ["native", "baseline"])
 def test_dpo_fit_moves_the_policy_and_never_the_reference(arm, world, model_dirs, tmp_path, monkeypatch):
-    from chameleon_lite.lightning_cli import run_lightning_cli
-
+    from chameleon_lite.training.lightning_cli import run_lightning_cli
     monkeypatch.chdir(REPO)
     pairs, _ = build_preference_pairs(world, pairs=48, seed=0)
     write_preference_shards(pairs, tmp_path / "prefs")
@@ -217,8 +213,7 @@ def test_dpo_fit_moves_the_policy_and_never_the_reference(arm, world, model_dirs
         f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false",
         f"--trainer.callbacks.init_args.out_dir={out / 'model'}"])
     module = cli.model
-    from chameleon_lite.lit_preference import load_policy
-
+    from chameleon_lite.training.lit_preference import load_policy
     fresh = load_policy(model_dirs[arm]).state_dict()
     ref = module.reference.state_dict()
     assert all(torch.equal(ref[k], fresh[k]) for k in fresh), "the reference moved"

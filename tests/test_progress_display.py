@@ -27,9 +27,9 @@ FRAME = re.compile(r"^(?P<desc>.+?): +\d+%\|[^|]*\| (?P<n>\d+)/(?P<total>\d+) \[
 @pytest.fixture(scope="module")
 def toy_config(tmp_path_factory) -> Path:
     """test_compare.py's toy comparison (seconds): a 40-scene world, 2-layer decoders, a 48-sample budget."""
-    from chameleon_lite.bundle import load_bundle
     from chameleon_lite.data.pretokenize import tokenize_shards
-    from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
+    from chameleon_lite.tokenization.bundle import load_bundle
+    from chameleon_lite.world.shapes_world import ShapesWorldSpec, write_shapes_world
 
     if not BUNDLE.is_dir():
         pytest.skip("needs the shipped tokenizer bundle")
@@ -61,7 +61,6 @@ def toy_config(tmp_path_factory) -> Path:
 def test_compare_shows_one_bar_over_every_stage_and_ends_with_the_headline(toy_config, tmp_path, capfd,
                                                                              monkeypatch):
     from chameleon_lite.cli import main
-
     monkeypatch.chdir(REPO)  # the compare config names its recipes relative to the repository
     closed = []
     close = PipelineProgress.close

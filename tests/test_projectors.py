@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chameleon_lite.projectors import (
+from chameleon_lite.baseline.projectors import (
     LinearProjector,
     MLPProjector,
     ProjectorConfig,
     ResamplerProjector,
     build_projector,
 )
-from chameleon_lite.vision_encoder import VisionEncoder, ViTConfig
+from chameleon_lite.baseline.vision_encoder import VisionEncoder, ViTConfig
 
 
 def features(batch: int = 2, n: int = 16, d: int = 24, seed: int = 0) -> torch.Tensor:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from chameleon_lite.lightning_cli import quiet_lightning
 from chameleon_lite.shipped import resolve_path
+from chameleon_lite.training.lightning_cli import quiet_lightning
 
 BANNERS = ("GPU available", "TPU available", "litlogger", "Total FLOPs", "Trainable params", "Seed set to",
            "LeafSpec", "`Trainer.fit` stopped", "was configured so")
@@ -16,9 +16,9 @@ DECODER = ["d_model=32", "n_layers=2", "n_heads=4", "n_kv_heads=2"]
 @pytest.fixture(scope="module")
 def toy_tokens(tmp_path_factory) -> Path:
     """A tiny 32-px shapes world pre-tokenized with the shipped shapes-32 bundle."""
-    from chameleon_lite.bundle import load_bundle
     from chameleon_lite.data.pretokenize import tokenize_shards
-    from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
+    from chameleon_lite.tokenization.bundle import load_bundle
+    from chameleon_lite.world.shapes_world import ShapesWorldSpec, write_shapes_world
 
     root = tmp_path_factory.mktemp("quiet")
     spec = ShapesWorldSpec(train=24, val=8, test=0, seed=1, questions_per_scene=2)
@@ -32,7 +32,6 @@ def toy_tokens(tmp_path_factory) -> Path:
 
 def test_a_comparison_fit_prints_no_lightning_banners(toy_tokens, tmp_path, capfd, recwarn):
     from chameleon_lite.comparison.training import train_native
-
     capfd.readouterr()
     extra = [f"--model.init_args.model.{x}" for x in DECODER] + [
         "--data.init_args.seq_len=128", "--model.init_args.model.max_seq_len=128", "--data.init_args.batch_size=4",
@@ -53,7 +52,6 @@ def test_compare_and_demo_run_inside_quiet_lightning(tmp_path, monkeypatch):
     import chameleon_lite.comparison.demo as demo_module
     import chameleon_lite.comparison.run as run_module
     from chameleon_lite.cli import main
-
     seen = []
 
     def fake_compare(config, out, overrides=(), progress=True):

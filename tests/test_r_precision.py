@@ -123,14 +123,13 @@ def trained(tmp_path_factory):
     """A tiny ContrastiveEncoderModule trained for a few steps on a tiny 32-px world, exported as a scorer."""
     import lightning as L
 
+    from chameleon_lite.baseline.contrastive import ContrastiveConfig, TextEncoderConfig
+    from chameleon_lite.baseline.vision_encoder import ViTConfig
     from chameleon_lite.comparison.demo import DEMO_WORLD
-    from chameleon_lite.contrastive import ContrastiveConfig, TextEncoderConfig
     from chameleon_lite.data.baseline_datamodule import BaselineDataModule
-    from chameleon_lite.data.scenes import WorldConfig
-    from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
-    from chameleon_lite.lit_baseline import ContrastiveEncoderModule, ExportContrastiveScorer
-    from chameleon_lite.vision_encoder import ViTConfig
-
+    from chameleon_lite.training.lit_baseline import ContrastiveEncoderModule, ExportContrastiveScorer
+    from chameleon_lite.world.scenes import WorldConfig
+    from chameleon_lite.world.shapes_world import ShapesWorldSpec, write_shapes_world
     root = tmp_path_factory.mktemp("r_precision")
     world = root / "world"
     write_shapes_world(ShapesWorldSpec(train=96, val=0, test=0, seed=3, questions_per_scene=1,
@@ -157,7 +156,6 @@ def test_export_reload_and_score(trained, tmp_path):
     import shutil
 
     from chameleon_lite.data.baseline_data import contrastive_batch
-
     module, data, out = trained
     config = load_plain_yaml(out / "config.yaml")
     assert config["kind"] == "contrastive_scorer" and config["tokenizer"] == "shapes-32"
@@ -235,8 +233,7 @@ def test_load_scorer_refuses_bad_directories(trained, tmp_path):
     with pytest.raises(ValueError, match="not a readable safetensors"):
         load_scorer(bad)
     # the export refuses a directory it did not write, before training
-    from chameleon_lite.lit_baseline import ExportContrastiveScorer
-
+    from chameleon_lite.training.lit_baseline import ExportContrastiveScorer
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

@@ -13,21 +13,20 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from chameleon_lite.baseline import BaselineConfig, BaselineVLM
-from chameleon_lite.baseline_io import load_baseline_dir, write_baseline_dir
-from chameleon_lite.bundle import TokenizerBundle, load_bundle, save_bundle
+from chameleon_lite.baseline.projectors import ProjectorConfig
+from chameleon_lite.baseline.vision_encoder import ViTConfig
+from chameleon_lite.baseline.vlm import BaselineConfig, BaselineVLM, load_baseline_dir, write_baseline_dir
 from chameleon_lite.cli import main as cli_main
-from chameleon_lite.model import Decoder, DecoderConfig
-from chameleon_lite.pretrained import (
+from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.native.chameleon import (
     ChameleonLite,
     ModelDirConfig,
     export_checkpoint,
     export_model_dir,
     write_model_dir,
 )
-from chameleon_lite.projectors import ProjectorConfig
-from chameleon_lite.vision_encoder import ViTConfig
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.tokenization.bundle import TokenizerBundle, load_bundle, save_bundle
+from chameleon_lite.tokenization.vocab import Vocab
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "tokenizers" / "shapes-64"
@@ -42,7 +41,6 @@ def read_manifest(directory: Path) -> list[str] | None:
 
 def load_plain_yaml(file: Path):
     from chameleon_lite.safe_io import load_plain_yaml
-
     return load_plain_yaml(file)
 
 
@@ -266,9 +264,8 @@ def test_model_config_interpolations_are_refused(tmp_path, bundle, monkeypatch, 
 
 def test_baseline_world_encoder_and_token_record_yaml_are_not_interpolated(tmp_path, bundle, monkeypatch):
     from chameleon_lite.data.pretokenize import _check_record
-    from chameleon_lite.data.shapes_world import ShapesWorldSpec, load_world_spec, write_shapes_world
-    from chameleon_lite.lit_baseline import load_vision_encoder
-
+    from chameleon_lite.training.lit_baseline import load_vision_encoder
+    from chameleon_lite.world.shapes_world import ShapesWorldSpec, load_world_spec, write_shapes_world
     monkeypatch.setenv("CHAMELEON_TEST_SECRET", SECRET)
     evil = "${oc.env:CHAMELEON_TEST_SECRET}"
     base = write_baseline_dir(tiny_baseline(bundle), bundle, tmp_path / "baseline")
@@ -326,7 +323,6 @@ def test_non_utf8_yaml_is_named(tmp_path):
 
 def test_compare_config_is_not_interpolated(tmp_path, monkeypatch):
     from chameleon_lite.comparison.config import load_compare_config
-
     monkeypatch.setenv("CHAMELEON_TEST_SECRET", SECRET)
     cfg = tmp_path / "compare.yaml"
     cfg.write_text("name: ${oc.env:CHAMELEON_TEST_SECRET}\ntrain_samples: 10\n")
@@ -341,10 +337,9 @@ def test_export_callbacks_refuse_the_target_before_training(tmp_path):
     starts, so a run is not trained only to be refused at the end; the project's files stay."""
     from types import SimpleNamespace
 
-    from chameleon_lite.bundle_export import ExportTokenizerBundle
-    from chameleon_lite.lit_baseline import ExportBaselineDir, ExportVisionEncoder
-    from chameleon_lite.lit_native import ExportModelDir
-
+    from chameleon_lite.training.bundle_export import ExportTokenizerBundle
+    from chameleon_lite.training.lit_baseline import ExportBaselineDir, ExportVisionEncoder
+    from chameleon_lite.training.lit_native import ExportModelDir
     project = tmp_path / "project"
     project.mkdir()
     before = project_dir(project)
@@ -359,7 +354,8 @@ def test_export_callbacks_refuse_the_target_before_training(tmp_path):
 
 
 def test_image_tokenizer_save_pretrained_keeps_other_files(tmp_path):
-    from chameleon_lite.image_tokenizer import ImageTokenizerConfig, VQImageTokenizer
+    from chameleon_lite.tokenization.image_tokenizer import VQImageTokenizer
+    from chameleon_lite.tokenization.image_tokenizer_config import ImageTokenizerConfig
 
     model = VQImageTokenizer(ImageTokenizerConfig(image_size=32, base_channels=8, channel_mult=[1, 1, 2], latent_dim=8,
                                                   codebook_size=8))

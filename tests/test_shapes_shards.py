@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from chameleon_lite.cli import main
-from chameleon_lite.data.language import CATEGORIES
 from chameleon_lite.data.readers import interleaved_dataset, pair_dataset, qa_dataset
-from chameleon_lite.data.scenes import Scene
-from chameleon_lite.data.shapes_world import ShapesWorldSpec, iter_samples, load_world_spec, write_shapes_world
 from chameleon_lite.safe_io import read_manifest
+from chameleon_lite.world.language import CATEGORIES
+from chameleon_lite.world.scenes import Scene
+from chameleon_lite.world.shapes_world import ShapesWorldSpec, iter_samples, load_world_spec, write_shapes_world
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,6 @@ def test_parallel_error_leaves_no_temporary_folder(tmp_path):
 
 def test_cli_data_shapes_demo_world(tmp_path, capsys):
     from chameleon_lite.comparison.demo import DEMO_WORLD
-
     out = tmp_path / "demo"
     assert main(["data", "shapes", "--out", str(out), "--demo-world", "--train", "3", "--val", "1", "--test", "1",
                  "--num-workers", "2"]) == 0

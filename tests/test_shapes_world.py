@@ -10,8 +10,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from chameleon_lite.data.edits import EDIT_KINDS, apply_edit, make_document, make_edit, sample_edit
-from chameleon_lite.data.language import (
+from chameleon_lite.world.edits import EDIT_KINDS, apply_edit, make_document, make_edit, sample_edit
+from chameleon_lite.world.language import (
     CATEGORIES,
     POPE_NEGATIVE_TYPES,
     POPE_TYPES,
@@ -23,8 +23,8 @@ from chameleon_lite.data.language import (
     make_questions,
     plural,
 )
-from chameleon_lite.data.render import render_scene
-from chameleon_lite.data.scenes import (
+from chameleon_lite.world.render import render_scene
+from chameleon_lite.world.scenes import (
     COLORS,
     SHAPES,
     SIZES,
@@ -34,7 +34,7 @@ from chameleon_lite.data.scenes import (
     WorldConfig,
     validate_scene,
 )
-from chameleon_lite.data.splits import DEFAULT_HELD_OUT, SPLITS, CompositionalSplit, split_seed
+from chameleon_lite.world.splits import DEFAULT_HELD_OUT, SPLITS, CompositionalSplit, split_seed
 
 CONFIG = WorldConfig()
 
@@ -532,10 +532,10 @@ def test_generation_does_not_depend_on_python_hash_seed():
 
     script = (
         "import random, hashlib, json\n"
-        "from chameleon_lite.data.scenes import WorldConfig\n"
-        "from chameleon_lite.data.language import describe, make_questions\n"
-        "from chameleon_lite.data.edits import make_document\n"
-        "from chameleon_lite.data.splits import CompositionalSplit\n"
+        "from chameleon_lite.world.scenes import WorldConfig\n"
+        "from chameleon_lite.world.language import describe, make_questions\n"
+        "from chameleon_lite.world.edits import make_document\n"
+        "from chameleon_lite.world.splits import CompositionalSplit\n"
         "split, config, rng, out = CompositionalSplit(), WorldConfig(), random.Random(1), []\n"
         "sampler = split.sampler('train', 3)\n"
         "for _ in range(40):\n"

@@ -1,4 +1,4 @@
-"""The static-shape decode step (chameleon_lite.static_decode) computes what the fast step computes, and the
+"""The static-shape decode step (chameleon_lite.generation.static_decode) computes what the fast step computes, and the
 engine gives the same tokens with ``decode_step="static"`` as with the default. The CUDA-graph replay of the same
 step needs CUDA: ``tests/test_cuda.py``."""
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_fast_decode import GRID, VOCAB, Wrapped, left_padded_prompts, make_decoder
 
-from chameleon_lite.fast_decode import FastDecodeStep
-from chameleon_lite.generation import generate_ids
-from chameleon_lite.sampling import SamplingParams
-from chameleon_lite.static_decode import CUDAGraphDecodeStep, StaticDecodeStep
+from chameleon_lite.generation.fast_decode import FastDecodeStep
+from chameleon_lite.generation.native import generate_ids
+from chameleon_lite.generation.sampling import SamplingParams
+from chameleon_lite.generation.static_decode import CUDAGraphDecodeStep, StaticDecodeStep
 
 
 @pytest.mark.parametrize(
@@ -111,8 +111,8 @@ def test_engine_decode_step_validation() -> None:
 
 
 def test_high_level_generate_passes_decode_step_through(monkeypatch) -> None:
-    from chameleon_lite import engine
-    from chameleon_lite.generation import generate
+    from chameleon_lite.generation import engine
+    from chameleon_lite.generation.native import generate
 
     seen = []
     real = engine._make_step

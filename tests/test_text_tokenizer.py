@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 
-from chameleon_lite.text_tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, TextTokenizer
+from chameleon_lite.tokenization.text_tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, TextTokenizer
 
 HARD_STRINGS = [
     "",

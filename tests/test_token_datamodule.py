@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from chameleon_lite.bundle import TokenizerBundle, load_bundle, save_bundle
 from chameleon_lite.data.pretokenize import _write_record
 from chameleon_lite.data.shards import write_shards
 from chameleon_lite.data.token_datamodule import TokenDataModule
 from chameleon_lite.data.token_documents import _json_members, _json_members_tarfile, load_token_documents
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.tokenization.bundle import TokenizerBundle, load_bundle, save_bundle
+from chameleon_lite.tokenization.vocab import Vocab
 
 IGNORE = -100
 GRID = (2, 2)  # 4 codes per image, 6 ids with <boi>/<eoi>

@@ -35,9 +35,8 @@ def imported(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("size,mult,resize", [(32, "[1,2,4]", "center_crop"), (64, "[1,2,4,8]", "pad"),
                                               (128, "[1,2,4,8]", "center_crop")])
 def test_tokenizer_recipe_trains_on_imported_images(imported, tmp_path, monkeypatch, size, mult, resize):
-    from chameleon_lite.bundle import load_bundle
-    from chameleon_lite.lightning_cli import run_lightning_cli
-
+    from chameleon_lite.tokenization.bundle import load_bundle
+    from chameleon_lite.training.lightning_cli import run_lightning_cli
     monkeypatch.chdir(REPO)
     out = tmp_path / "bundle"
     run_lightning_cli([

@@ -6,15 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from chameleon_lite.bundle import CONFIG_FILE, TokenizerBundle, load_bundle, save_bundle
 from chameleon_lite.data.readers import pair_dataset
-from chameleon_lite.data.render import render_scene
-from chameleon_lite.data.scenes import WorldConfig
-from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
-from chameleon_lite.data.splits import CompositionalSplit
 from chameleon_lite.eval.tokenizer_eval import evaluate_image_tokenizer
-from chameleon_lite.image_tokenizer import ImageTokenizerConfig, VQImageTokenizer, preprocess_images
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.tokenization.bundle import CONFIG_FILE, TokenizerBundle, load_bundle, save_bundle
+from chameleon_lite.tokenization.image_tokenizer import VQImageTokenizer, preprocess_images
+from chameleon_lite.tokenization.image_tokenizer_config import ImageTokenizerConfig
+from chameleon_lite.tokenization.vocab import Vocab
+from chameleon_lite.world.render import render_scene
+from chameleon_lite.world.scenes import WorldConfig
+from chameleon_lite.world.shapes_world import ShapesWorldSpec, write_shapes_world
+from chameleon_lite.world.splits import CompositionalSplit
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "tokenizers" / "shapes-64"
@@ -167,7 +168,7 @@ def test_interrupted_pretokenization_leaves_no_record(tmp_path, tiny_bundle, mon
 def test_every_config_parses(tmp_path, monkeypatch):
     """Every recipe type-checks; CPU recipes also instantiate (model, datamodule, trainer) without their data."""
     from chameleon_lite.comparison.config import load_compare_config
-    from chameleon_lite.lightning_cli import parse_recipe, run_lightning_cli
+    from chameleon_lite.training.lightning_cli import parse_recipe, run_lightning_cli
 
     configs = sorted((REPO / "configs").rglob("*.yaml"))
     assert configs
@@ -187,8 +188,7 @@ def test_every_config_parses(tmp_path, monkeypatch):
 
 
 def test_unknown_recipe_key_is_rejected(tmp_path):
-    from chameleon_lite.lightning_cli import parse_recipe
-
+    from chameleon_lite.training.lightning_cli import parse_recipe
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "configs" / "tokenizer" / "shapes-64.yaml").read_text().replace("lr: 1.0e-3", "lr_typo: 1"))
     with pytest.raises(SystemExit):  # jsonargparse reports the bad key and exits, as a CLI does

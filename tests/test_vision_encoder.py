@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from chameleon_lite.vision_encoder import VisionEncoder, ViTConfig, sincos_2d_position_embedding
+from chameleon_lite.baseline.vision_encoder import VisionEncoder, ViTConfig, sincos_2d_position_embedding
 
 TINY = ViTConfig(image_size=16, patch_size=4, d_model=32, n_layers=3, n_heads=4, mlp_ratio=2.0)
 

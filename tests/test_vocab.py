@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.tokenization.vocab import Vocab
 
 
 @pytest.fixture

@@ -93,7 +93,7 @@ def test_installed_wheel_runs_from_an_empty_directory(wheel, tmp_path):
     script = (
         "import json, chameleon_lite, chameleon_lite.shipped as s\n"
         "from chameleon_lite.comparison.demo import DEMO_CONFIG, prepare_demo_data\n"
-        "from chameleon_lite.pretrained import resolve_bundle_path\n"
+        "from chameleon_lite.model.model_dir import resolve_bundle_path\n"
         "world = {'train': 8, 'val': 4, 'test': 4, 'seed': 0, 'world': {'image_size': 32, 'grid': 2, "
         "'max_objects': 2}}\n"
         "over = prepare_demo_data('out', DEMO_CONFIG, world=world, progress=False)\n"

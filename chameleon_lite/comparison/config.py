@@ -86,7 +86,7 @@ class EvalSpec:
 
 @dataclass
 class PreferenceStage:
-    """Optional stage 3 for both arms: DPO (``chameleon_lite.lit_preference``) on preference pairs from the
+    """Optional stage 3 for both arms: DPO (``chameleon_lite.training.lit_preference``) on preference pairs from the
     training split (``data.preference_pairs``), each arm from its own trained model, under the same pair budget;
     the report shows every QA category and POPE before and after."""
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from chameleon_lite.pretrained import resolve_bundle_path
+from chameleon_lite.model.model_dir import resolve_bundle_path
 from chameleon_lite.shipped import resolve_path
 
 __all__ = ["demo", "prepare_demo_data", "DEMO_CONFIG", "DEMO_WORLD"]
@@ -40,8 +40,7 @@ green square and yellow star)."""
 
 
 def _same_world(path: Path, spec) -> bool:
-    from chameleon_lite.data.shapes_world import load_world_spec
-
+    from chameleon_lite.world.shapes_world import load_world_spec
     try:
         return OmegaConf.to_container(OmegaConf.structured(load_world_spec(path))) == OmegaConf.to_container(
             OmegaConf.structured(spec))
@@ -60,12 +59,12 @@ def prepare_demo_data(out: str | Path, config: str | Path, *, world: dict[str, A
     processes generating the world (None: 1, so that the token shards are the same on every machine: their order
     follows the raw shards' boundaries, which depend on it); pre-tokenizing uses as many, at least 2.
     """
-    from chameleon_lite.bundle import load_bundle
     from chameleon_lite.comparison.config import load_compare_config
     from chameleon_lite.data.pretokenize import RECORD_FILE, tokenize_shards
-    from chameleon_lite.data.shapes_world import ShapesWorldSpec, write_shapes_world
     from chameleon_lite.data.shards import DATA_KIND
     from chameleon_lite.safe_io import read_manifest, remove_listed
+    from chameleon_lite.tokenization.bundle import load_bundle
+    from chameleon_lite.world.shapes_world import ShapesWorldSpec, write_shapes_world
 
     out = Path(out)
     spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ShapesWorldSpec), world or DEMO_WORLD))
@@ -101,8 +100,7 @@ def demo(out: str | Path = "runs/demo", *, config: str = DEMO_CONFIG, overrides:
     from chameleon_lite.comparison.config import load_compare_config
     from chameleon_lite.comparison.report import check_compare_out
     from chameleon_lite.comparison.run import compare
-    from chameleon_lite.lightning_cli import quiet_lightning
-
+    from chameleon_lite.training.lightning_cli import quiet_lightning
     out = Path(out)
     started = time.perf_counter()
     config_path = resolve_path(config, kind="config")

@@ -24,10 +24,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from chameleon_lite.data.readers import pair_dataset
-from chameleon_lite.data.scenes import Scene
 from chameleon_lite.eval.captioning import caption_scores
 from chameleon_lite.eval.generation_scores import aggregate_generation_scores, score_generation, verdict
 from chameleon_lite.eval.understanding import evaluate_qa_shards, summarize_qa
+from chameleon_lite.world.scenes import Scene
 
 __all__ = ["answer_questions", "evaluate_qa", "evaluate_captions", "evaluate_text_to_image",
            "evaluate_text_to_image_retrieval", "generate_images", "measure_latency",
@@ -148,7 +148,6 @@ def evaluate_text_to_image_retrieval(model: Any, shards: str, scorer: Any, *, li
     (``generated``, ``real``, ``vq_reconstruction``) and per-sample rows for the example grid.
     """
     from chameleon_lite.eval.r_precision import r_precision
-
     pool = list(pair_dataset(shards))
     samples = pool[:limit]
     if not samples:
@@ -181,8 +180,7 @@ def evaluate_text_to_image_retrieval(model: Any, shards: str, scorer: Any, *, li
 
 def vq_reconstructions(tokenizer: Any, images: Sequence[Image.Image]) -> list[Image.Image]:
     """Each image encoded to codes and decoded back by the VQ ``tokenizer`` (on the tokenizer's device)."""
-    from chameleon_lite.image_preprocessing import preprocess_images
-
+    from chameleon_lite.tokenization.image_preprocessing import preprocess_images
     with torch.inference_mode():
         pixels = preprocess_images(list(images), tokenizer.config)  # (N, C, H, W)
         pixels = pixels.to(next(tokenizer.parameters()).device)  # where the model (and its tokenizer) lives

@@ -29,7 +29,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from chameleon_lite.baseline import BaselineVLM, parameter_counts
+from chameleon_lite.baseline.vlm import BaselineVLM, parameter_counts
 from chameleon_lite.comparison.config import CompareConfig, CompareConfigError, load_compare_config
 from chameleon_lite.comparison.evaluate import (
     evaluate_captions,
@@ -41,13 +41,13 @@ from chameleon_lite.comparison.evaluate import (
 )
 from chameleon_lite.comparison.progress import PipelineProgress, pipeline_samples
 from chameleon_lite.comparison.training import ArmTraining, train_baseline, train_native
-from chameleon_lite.data.parser import parse_scene
 from chameleon_lite.data.readers import pair_dataset
-from chameleon_lite.data.shapes_world import WORLD_FILE, load_world_spec
 from chameleon_lite.eval.understanding import reference_answers_from_shards
-from chameleon_lite.lightning_cli import quiet_lightning
-from chameleon_lite.pretrained import ChameleonLite
+from chameleon_lite.native.chameleon import ChameleonLite
 from chameleon_lite.safe_io import record_files
+from chameleon_lite.training.lightning_cli import quiet_lightning
+from chameleon_lite.world.scene_parser import parse_scene
+from chameleon_lite.world.shapes_world import WORLD_FILE, load_world_spec
 
 __all__ = ["compare", "check_matched_decoders", "flatten_numbers", "summarize_seeds"]
 
@@ -145,7 +145,7 @@ def _preference_stage(arm: str, model: Any, model_dir: str, cfg: CompareConfig, 
     (QA and captions of the tuned model; text->image is not re-run, DPO trains text responses only)."""
     from chameleon_lite.comparison.evaluate import answer_questions
     from chameleon_lite.comparison.training import train_preference
-    from chameleon_lite.data.preference_pairs import PAIRS_PREFIX, build_preference_pairs, write_preference_shards
+    from chameleon_lite.world.preference_pairs import PAIRS_PREFIX, build_preference_pairs, write_preference_shards
 
     s3 = cfg.stage3
     bar.stage(f"seed {seed} · {arm} preference pairs")
@@ -239,7 +239,6 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
             scorer = None
             if arm == "native" and judge == "r_precision":
                 from chameleon_lite.eval.r_precision import load_scorer
-
                 scorer = load_scorer(cfg.eval.scorer_dir or trained["baseline"].stages["encoder"]["scorer_dir"],
                                      device=cfg.eval.resolved_device())
             result, rows = _evaluate_arm(arm, model, cfg, parse, references, False, scorer)  # the bar is the display
@@ -278,8 +277,7 @@ def check_matched_decoders(cfg: CompareConfig) -> None:
     """Both arms' recipes, with their overrides, must build identical decoders (all of ``DecoderConfig`` but the
     vocabulary size, which the shared tokenizer sets): ``CompareConfigError`` naming the differing fields, found when
     the config is read rather than after training."""
-    from chameleon_lite.lightning_cli import parse_recipe
-
+    from chameleon_lite.training.lightning_cli import parse_recipe
     def decoder(recipe: str, overrides: list[str]) -> dict[str, Any]:
         parsed = parse_recipe(recipe, [o for o in overrides if o.startswith("--model.")])
         model = parsed.model.init_args.model
@@ -322,9 +320,8 @@ def _data_summary(raw: Path, tokenizer: str) -> dict[str, Any]:
     decoded), and the tokenizer's code grid."""
     import tarfile
 
-    from chameleon_lite.bundle import load_bundle
-    from chameleon_lite.pretrained import resolve_bundle_path
-
+    from chameleon_lite.model.model_dir import resolve_bundle_path
+    from chameleon_lite.tokenization.bundle import load_bundle
     def samples(split: str, prefix: str) -> int:
         keys = set()
         for shard in sorted((raw / split).glob(f"{prefix}-*.tar")):
@@ -341,9 +338,8 @@ def _data_summary(raw: Path, tokenizer: str) -> dict[str, Any]:
 
 def _world_summary(spec: Any, tokenizer: str) -> dict[str, Any]:
     """What the data is: the world's config, split sizes, held-out combos and the tokenizer's code grid."""
-    from chameleon_lite.bundle import load_bundle
-    from chameleon_lite.pretrained import resolve_bundle_path
-
+    from chameleon_lite.model.model_dir import resolve_bundle_path
+    from chameleon_lite.tokenization.bundle import load_bundle
     bundle = load_bundle(resolve_bundle_path(tokenizer), load_image_tokenizer=False)
     return {"config": spec.world.to_dict(), "splits": {s: getattr(spec, s) for s in ("train", "val", "test")},
             "held_out": [list(c) for c in spec.held_out], "test_held_out_fraction": spec.test_held_out_fraction,
@@ -357,8 +353,7 @@ def precision_overrides(precision: str) -> list[str]:
         return [f"--trainer.precision={precision}"]
     if torch.cuda.is_available():
         return []  # the recipes' own (bf16-mixed in the GPU recipes)
-    from chameleon_lite.perf import fastest_cpu_precision
-
+    from chameleon_lite.training.perf import fastest_cpu_precision
     chosen = fastest_cpu_precision()
     logger.info("precision auto: %s on this CPU", chosen)
     return [f"--trainer.precision={chosen}"]

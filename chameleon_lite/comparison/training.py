@@ -30,9 +30,9 @@ import numpy as np
 
 from chameleon_lite.comparison.evaluate import PeakMemory
 from chameleon_lite.comparison.progress import PipelineProgress, spread
-from chameleon_lite.data.shapes_world import load_world_spec
-from chameleon_lite.lightning_cli import run_lightning_cli
-from chameleon_lite.lit_native import flops_per_token
+from chameleon_lite.training.lightning_cli import run_lightning_cli
+from chameleon_lite.training.lit_native import flops_per_token
+from chameleon_lite.world.shapes_world import load_world_spec
 
 __all__ = ["ArmTraining", "baseline_flops", "train_native", "train_baseline", "train_preference", "read_loss_curve"]
 
@@ -183,8 +183,7 @@ def train_baseline(encoder_recipe: str, stage1_recipe: str, stage2_recipe: str, 
         bar.plan(encoder_samples, enc_steps * enc_batch)
     callbacks = [bar.callback([enc_batch] * enc_steps)] if bar is not None else []
     if export_scorer:
-        from chameleon_lite.lit_baseline import ExportContrastiveScorer
-
+        from chameleon_lite.training.lit_baseline import ExportContrastiveScorer
         callbacks.append(ExportContrastiveScorer(str(enc_dir / "scorer")))
     cli, seconds, _ = _fit(encoder_recipe, [
         *data, f"--data.init_args.train_shards={raw}/train/pairs-*.tar",

@@ -44,14 +44,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from chameleon_lite.bundle import TokenizerBundle
 from chameleon_lite.data import cache as data_cache
 from chameleon_lite.data.pretokenize import shards_by_kind
 from chameleon_lite.data.readers import pair_dataset, qa_dataset
 from chameleon_lite.data.token_documents import QA_PER_IMAGE_MAX
-from chameleon_lite.image_preprocessing import preprocess_images
-from chameleon_lite.image_tokenizer import ImageTokenizerConfig
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.tokenization.bundle import TokenizerBundle
+from chameleon_lite.tokenization.image_preprocessing import preprocess_images
+from chameleon_lite.tokenization.image_tokenizer_config import ImageTokenizerConfig
+from chameleon_lite.tokenization.vocab import Vocab
 
 __all__ = ["TASKS", "ImageTextSamples", "LoadReport", "load_image_text_samples", "qa_groups", "vlm_batch",
            "contrastive_batch"]

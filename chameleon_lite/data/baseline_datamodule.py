@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from chameleon_lite.bundle import TokenizerBundle, load_bundle
 from chameleon_lite.data.baseline_data import (
     TASKS,
     ImageTextSamples,
@@ -25,7 +24,8 @@ from chameleon_lite.data.baseline_data import (
     qa_groups,
     vlm_batch,
 )
-from chameleon_lite.pretrained import resolve_bundle_path
+from chameleon_lite.model.model_dir import resolve_bundle_path
+from chameleon_lite.tokenization.bundle import TokenizerBundle, load_bundle
 
 __all__ = ["BaselineDataModule"]
 

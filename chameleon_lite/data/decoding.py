@@ -28,8 +28,8 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from chameleon_lite.image_preprocessing import MAX_ASPECT_RATIO
-from chameleon_lite.image_preprocessing import to_rgb as _to_rgb  # the conversion prompts get too
+from chameleon_lite.tokenization.image_preprocessing import MAX_ASPECT_RATIO
+from chameleon_lite.tokenization.image_preprocessing import to_rgb as _to_rgb  # the conversion prompts get too
 
 SKIP_REASONS: dict[str, str] = {
     "missing_image": "no image member (pair/QA), or a segment names an image member that is absent",

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from chameleon_lite.data.readers import ShardDataset, list_shards, pair_dataset
-from chameleon_lite.image_tokenizer import ImageTokenizerConfig, preprocess_images
+from chameleon_lite.tokenization.image_tokenizer import preprocess_images
+from chameleon_lite.tokenization.image_tokenizer_config import ImageTokenizerConfig
 
 MAKE_DATA_HINT = "chameleon-lite data shapes --out data/shapes"
 

@@ -33,11 +33,11 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
-from chameleon_lite.bundle import TokenizerBundle
 from chameleon_lite.data.readers import interleaved_dataset, list_shards, pair_dataset, qa_dataset
 from chameleon_lite.data.shards import DATA_KIND, check_shard_names, write_shards
-from chameleon_lite.image_tokenizer import preprocess_images
 from chameleon_lite.safe_io import check_listed, load_plain_yaml, record_files, remove_listed
+from chameleon_lite.tokenization.bundle import TokenizerBundle
+from chameleon_lite.tokenization.image_tokenizer import preprocess_images
 
 RECORD_FILE = "tokens.yaml"
 KINDS = ("pair", "qa", "doc")

@@ -53,11 +53,11 @@ import lightning as L
 import numpy as np
 import torch
 
-from chameleon_lite.bundle import TokenizerBundle, load_bundle
 from chameleon_lite.data.pretokenize import KINDS
 from chameleon_lite.data.token_documents import TokenDocuments, load_token_documents
-from chameleon_lite.model import IGNORE_INDEX
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.model.decoder import IGNORE_INDEX
+from chameleon_lite.tokenization.bundle import TokenizerBundle, load_bundle
+from chameleon_lite.tokenization.vocab import Vocab
 
 __all__ = ["TaskMix", "EpochPlan", "DocumentPacker", "PackedBatchLoader", "FixedBatches", "TokenDataModule"]
 

@@ -53,11 +53,11 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from chameleon_lite.bundle import TokenizerBundle
 from chameleon_lite.data import cache as data_cache
 from chameleon_lite.data.pretokenize import KINDS, RECORD_FILE, token_record
 from chameleon_lite.data.readers import list_shards
-from chameleon_lite.vocab import Vocab
+from chameleon_lite.tokenization.bundle import TokenizerBundle
+from chameleon_lite.tokenization.vocab import Vocab
 
 __all__ = ["PAIR_FORMATS", "TokenDocuments", "load_token_documents", "check_token_record", "tokenize_hint"]
 

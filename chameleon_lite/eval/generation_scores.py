@@ -16,7 +16,7 @@ Per sample (``GenerationScore``):
   reports binding **given** correct attributes: when the right colours and shapes are drawn, are they paired
   correctly? (That isolates binding errors from missing attributes.)
 - ``relations_correct``: spatial relations. By default every relation that holds between two intended
-  objects (left/right by column, above/below by row, ``chameleon_lite.data.programs.RELATIONS``) is checked;
+  objects (left/right by column, above/below by row, ``chameleon_lite.world.programs.RELATIONS``) is checked;
   shapes-world captions name each object's cell, so every such relation is stated, including the explicit
   "The X is left of the Y." sentence ``describe`` sometimes adds. Callers that know which relations a prompt
   states may pass them instead (``SpatialRelation``). A relation between A and B holds in the generated
@@ -40,8 +40,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from chameleon_lite.data.programs import RELATIONS, relation_holds
-from chameleon_lite.data.scenes import Scene, SceneObject
+from chameleon_lite.world.programs import RELATIONS, relation_holds
+from chameleon_lite.world.scenes import Scene, SceneObject
 
 __all__ = [
     "GENERATION_METRICS",

@@ -48,11 +48,9 @@ from omegaconf import MISSING
 from PIL import Image
 from safetensors.torch import save_file
 
-from chameleon_lite.bundle import TokenizerBundle, load_bundle, save_bundle
-from chameleon_lite.contrastive import ContrastiveConfig, ContrastiveModel, TextEncoder, TextEncoderConfig
-from chameleon_lite.image_preprocessing import preprocess_images
-from chameleon_lite.image_tokenizer import ImageTokenizerConfig
-from chameleon_lite.pretrained import resolve_bundle_path
+from chameleon_lite.baseline.contrastive import ContrastiveConfig, ContrastiveModel, TextEncoder, TextEncoderConfig
+from chameleon_lite.baseline.vision_encoder import VisionEncoder, ViTConfig
+from chameleon_lite.model.model_dir import resolve_bundle_path
 from chameleon_lite.safe_io import (
     check_writable_dir,
     load_checked_weights,
@@ -60,7 +58,9 @@ from chameleon_lite.safe_io import (
     save_structured_yaml,
     write_dir,
 )
-from chameleon_lite.vision_encoder import VisionEncoder, ViTConfig
+from chameleon_lite.tokenization.bundle import TokenizerBundle, load_bundle, save_bundle
+from chameleon_lite.tokenization.image_preprocessing import preprocess_images
+from chameleon_lite.tokenization.image_tokenizer_config import ImageTokenizerConfig
 
 __all__ = [
     "ContrastiveScorer",

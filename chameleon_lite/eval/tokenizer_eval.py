@@ -46,8 +46,7 @@ def evaluate_image_tokenizer(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if world is not None:
-        from chameleon_lite.data.parser import parse_scene
-
+        from chameleon_lite.world.scene_parser import parse_scene
     hist = torch.zeros(model.codebook_size, dtype=torch.long)
     n = 0
     psnr_sum = ssim_sum = 0.0
@@ -119,7 +118,7 @@ def reconstruction_grid(model, images: Sequence[Image.Image], *, world=None, sca
     sheet = Image.new("RGB", (len(originals) * (w + pad) * scale, (2 * h + pad + bar) * scale), (128, 128, 128))
     draw = ImageDraw.Draw(sheet)
     if world is not None:
-        from chameleon_lite.data.parser import parse_scene
+        from chameleon_lite.world.scene_parser import parse_scene
     for i, (orig, rec) in enumerate(zip(originals, rebuilt)):
         left = i * (w + pad) * scale
         sheet.paste(orig.resize((w * scale, h * scale), Image.Resampling.NEAREST), (left, 0))

@@ -14,7 +14,7 @@ Notable choices:
   answer; a prediction counts as "yes" only if it normalises to exactly ``"yes"`` (anything else, including
   junk, counts as "no"; ``invalid`` counts predictions that are neither "yes" nor "no"). As in POPE's three
   settings, each negative type (``random``, ``popular``, ``adversarial``; the names of
-  ``chameleon_lite.data.language.POPE_NEGATIVE_TYPES``) is scored on **all positive questions plus the
+  ``chameleon_lite.world.language.POPE_NEGATIVE_TYPES``) is scored on **all positive questions plus the
   negatives of that type**; ``all`` pools every existence question. Precision/recall/F1 with no predicted
   (or no actual) positives are 0, not undefined.
 - **Held-out vs seen** (``held_out_accuracy``): ``QARecord.held_out`` says whether the sample is about a
@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from chameleon_lite.data.language import POPE_NEGATIVE_TYPES, POPE_TYPES
+from chameleon_lite.world.language import POPE_NEGATIVE_TYPES, POPE_TYPES, normalize_answer
 
 __all__ = [
     "EXISTENCE_CATEGORY",
@@ -46,7 +46,6 @@ __all__ = [
     "held_out_accuracy",
     "is_correct",
     "majority_chance",
-    "normalize_answer",
     "pope_metrics",
     "reference_answers_from_shards",
     "summarize_qa",
@@ -92,13 +91,6 @@ class QARecord:
 
 
 # ------------------------------------------------------------------------------------- exact match
-
-
-def normalize_answer(text: str) -> str:
-    """``"  Yes. "`` -> ``"yes"``: strip, lowercase, drop trailing periods, collapse inner whitespace."""
-    if not isinstance(text, str):
-        raise ValueError(f"normalize_answer: expected a str, got {type(text).__name__}")
-    return " ".join(text.strip().lower().rstrip(".").split())
 
 
 def is_correct(prediction: str, answer: str) -> bool:
@@ -343,7 +335,6 @@ def evaluate_qa_shards(
 def reference_answers_from_shards(urls: Any, limit: int | None = None) -> dict[str, list[str]]:
     """``{category: [answer, ...]}`` of QA shards (e.g. the training split), for ``majority_chance``."""
     from chameleon_lite.data.readers import qa_dataset
-
     pairs = []
     for i, sample in enumerate(qa_dataset(urls)):
         if limit is not None and i >= limit:

@@ -1,0 +1,446 @@
+"""The early-fusion decoder shared by the native model and the baseline VLM.
+
+One Llama-style transformer reads and writes a single id space (text pieces, control tokens and VQ image
+codes). Its math matches Hugging Face ``ChameleonModel`` so weights port both ways (see ``hf_port.py``).
+
+Notable features:
+
+- RMSNorm (computed in fp32), rotary position embeddings (``rotate_half`` layout), SwiGLU MLP, no biases.
+- Grouped-query attention (``n_kv_heads`` divides ``n_heads``).
+- QK-norm (switch ``qk_norm``): a LayerNorm over ``head_dim`` with its own weight and bias per head, applied
+  to q and k BEFORE RoPE, exactly as Chameleon (eps fixed at 1e-5 as there).
+- Swin-norm (switch ``swin_norm``): ``h = x + norm(attn(x)); out = h + norm(mlp(h))`` instead of pre-norm.
+- z-loss (``next_token_loss``): ``mean(logsumexp(logits)^2)`` keeps the softmax normaliser near 0.
+- Dropout on attention probabilities and on each residual branch.
+- Vocabulary padded to a multiple (``pad_vocab_to_multiple_of``) for fast matmuls; padded logit columns are
+  filled with the dtype's most negative finite value, so they never win and get zero probability (finite
+  rather than ``-inf`` so ``p * log p`` stays 0 instead of NaN).
+- Optional tied input/output embeddings.
+- Packed sequences: ``document_ids`` restrict causal attention to each document; positions come from the
+  caller (``attention.positions_from_document_ids`` derives restarting positions).
+- Input ids or input embeddings (the baseline arm feeds projected image features).
+- KV cache (``attention.KVCache``) for incremental decoding; gradient checkpointing per block.
+- Attention backend (``"auto" | "sdpa" | "xformers" | "flex"``) resolved once per device type and logged.
+- Init: ``normal(0, init_std)`` everywhere, residual output projections scaled by ``1/sqrt(2 * n_layers)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from chameleon_lite.model.attention import (
+    BACKENDS,
+    AttentionMask,
+    KVCache,
+    attend,
+    build_attention_mask,
+    resolve_backend,
+)
+
+log = logging.getLogger(__name__)
+
+QK_NORM_EPS = 1e-5  # Chameleon's per-head LayerNorm uses the nn.LayerNorm default, independent of norm_eps
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DecoderConfig:
+    """Shape and switches of the decoder. Plain types only (round-trips through ``asdict``/OmegaConf/CLI).
+
+    Args:
+        vocab_size: logical vocabulary size (``Vocab.size``).
+        pad_vocab_to_multiple_of: embedding/output rows are padded to a multiple of this (see ``padded_vocab_size``).
+        d_model: residual width.
+        n_layers: number of transformer blocks.
+        n_heads: query heads; ``head_dim = d_model // n_heads`` (must be even for RoPE).
+        n_kv_heads: key/value heads (grouped-query attention); ``None`` means ``n_heads``. Must divide ``n_heads``.
+        mlp_hidden: SwiGLU hidden width; ``None`` derives Llama's ``2/3 * 4 * d_model`` rounded up to
+            ``mlp_multiple_of``.
+        mlp_multiple_of: rounding for the derived ``mlp_hidden``.
+        max_seq_len: longest sequence (incl. cached tokens) one forward may see.
+        rope_theta: RoPE base.
+        norm_eps: RMSNorm epsilon.
+        qk_norm: per-head LayerNorm on q and k before RoPE.
+        swin_norm: Chameleon's swin-norm ordering instead of pre-norm.
+        z_loss_weight: weight of the z-loss; read by the training code and passed to ``next_token_loss``.
+        dropout: attention-probability and residual dropout.
+        tie_embeddings: share the input embedding and the output projection.
+        attention_backend: ``"auto"``, ``"sdpa"``, ``"xformers"`` or ``"flex"`` (see
+        ``chameleon_lite.model.attention``).
+        init_std: std of the normal init.
+        gradient_checkpointing: recompute each block in the backward pass (training only).
+    """
+
+    vocab_size: int = 1024
+    pad_vocab_to_multiple_of: int = 64
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    mlp_hidden: int | None = None
+    mlp_multiple_of: int = 64
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+    swin_norm: bool = False
+    z_loss_weight: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    attention_backend: str = "auto"
+    init_std: float = 0.02
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "pad_vocab_to_multiple_of", "d_model", "n_layers", "n_heads", "mlp_multiple_of",
+                     "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must be >= 1 and divide n_heads={self.n_heads}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} (d_model / n_heads) must be even for RoPE")
+        if self.mlp_hidden is None:
+            hidden = int(2 * 4 * self.d_model / 3)
+            self.mlp_hidden = self.mlp_multiple_of * math.ceil(hidden / self.mlp_multiple_of)
+        if self.mlp_hidden < 1:
+            raise ValueError(f"mlp_hidden={self.mlp_hidden} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.z_loss_weight < 0:
+            raise ValueError(f"z_loss_weight={self.z_loss_weight} must be >= 0")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend={self.attention_backend!r} must be one of {BACKENDS}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_to_multiple_of
+        return m * math.ceil(self.vocab_size / m)
+
+
+# ---------------------------------------------------------------------------------------------- building blocks
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)``, statistics in fp32 (as Llama/Chameleon)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class PerHeadLayerNorm(nn.Module):
+    """LayerNorm over ``head_dim`` with a separate weight and bias per head (Chameleon's QK-norm)."""
+
+    def __init__(self, n_heads: int, head_dim: int, eps: float = QK_NORM_EPS) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, hd)
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for arbitrary position ids (``rotate_half`` layout: frequencies repeated twice)."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hd/2,)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``(B, H, T, hd)`` by positions given as ``cos``/``sin`` ``(B, T, hd)``."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with optional QK-norm; reads/writes a ``KVCache`` when given one."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.dropout = config.dropout
+        d, hd = config.d_model, config.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.q_norm = PerHeadLayerNorm(self.n_heads, hd) if config.qk_norm else nn.Identity()
+        self.k_norm = PerHeadLayerNorm(self.n_kv_heads, hd) if config.qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: AttentionMask,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))  # (B, T, H, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim))  # (B, T, Hkv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, cached + T, hd)
+        y = attend(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, d)
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One transformer block: pre-norm (Llama) or swin-norm (Chameleon-34B) ordering."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.swin_norm = config.swin_norm
+        self.attn = Attention(config, layer_idx)
+        self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+        if self.swin_norm:
+            h = x + self.resid_dropout(self.attn_norm(self.attn(x, cos, sin, mask, cache)))
+            return h + self.resid_dropout(self.mlp_norm(self.mlp(h)))
+        h = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, mask, cache))
+        return h + self.resid_dropout(self.mlp(self.mlp_norm(h)))
+
+
+# ---------------------------------------------------------------------------------------------- the decoder
+class Decoder(nn.Module):
+    """Token ids (or embeddings) -> next-token logits ``(B, T, padded_vocab_size)``."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = config.gradient_checkpointing
+        self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._backend: tuple[str, str] | None = None  # (device type, resolved backend)
+
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) for every matrix; the residual output projections get std / sqrt(2 * n_layers)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (RMSNorm, PerHeadLayerNorm)):
+                nn.init.ones_(module.weight)
+                if isinstance(module, PerHeadLayerNorm):
+                    nn.init.zeros_(module.bias)
+        for block in self.layers:
+            for proj in (block.attn.o_proj, block.mlp.down_proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
+
+    # ------------------------------------------------------------------ accessors
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of ``ids`` ``(B, T) -> (B, T, d_model)``."""
+        return self.embed_tokens(ids)
+
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        """Parameter count; ``non_embedding`` leaves out the embedding table and the (untied) output head."""
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once by parameters()
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, *, device=None, dtype=None) -> KVCache:
+        """An empty KV cache for ``batch_size`` rows and up to ``max_len`` (default ``max_seq_len``) tokens."""
+        weight = self.embed_tokens.weight
+        c = self.config
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, c.head_dim, max_len or c.max_seq_len,
+                       device=device or weight.device, dtype=dtype or weight.dtype)
+
+    def attention_backend(self, device: torch.device) -> str:
+        """The backend used on ``device`` (resolved once per device type and logged)."""
+        if self._backend is None or self._backend[0] != device.type:
+            backend = resolve_backend(self.config.attention_backend, device)
+            log.info("decoder attention backend: %s (requested %r, device %s)",
+                     backend, self.config.attention_backend, device.type)
+            self._backend = (device.type, backend)
+        return self._backend[1]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits for every position.
+
+        Args:
+            input_ids: ``(B, T)`` token ids; exactly one of ``input_ids`` / ``inputs_embeds``.
+            inputs_embeds: ``(B, T, d_model)`` input embeddings (e.g. ``embed(ids)`` with image features spliced in).
+            position_ids: ``(B, T)`` RoPE positions; default ``cache.length + 0..T-1``. For packed rows pass
+                positions restarting per document.
+            document_ids: ``(B, T)`` ints; attention is causal AND within the same document.
+            cache: a ``KVCache``; the new tokens' keys/values are appended and ``cache.length`` advances by T.
+
+        Returns:
+            ``(B, T, padded_vocab_size)``; columns ``>= vocab_size`` hold the dtype's minimum.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+            x = self.embed_tokens(input_ids)  # (B, T, d)
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.d_model:
+                shape = tuple(inputs_embeds.shape)
+                raise ValueError(f"inputs_embeds must be (B, T, {self.config.d_model}), got {shape}")
+            x = inputs_embeds
+        B, T, _ = x.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            limit = self.config.max_seq_len
+            raise ValueError(f"sequence of {start} cached + {T} new tokens exceeds max_seq_len={limit}")
+        for name, ids in (("position_ids", position_ids), ("document_ids", document_ids)):
+            if ids is not None and ids.shape != (B, T):
+                raise ValueError(f"{name} has shape {tuple(ids.shape)}, expected {(B, T)}")
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)  # (B, T)
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"cache was made for batch size {cache.batch_size}, got {B}")
+            all_document_ids = cache.append_document_ids(document_ids, T)  # (B, start + T)
+            if document_ids is not None or start > 0:  # a fresh single-document prefill stays plain causal
+                document_ids = all_document_ids
+        backend = self.attention_backend(x.device)
+        mask = build_attention_mask(backend, batch_size=B, q_len=T, device=x.device, document_ids=document_ids,
+                                    cache=cache)
+        cos, sin = self.rotary(position_ids, x.dtype)  # (B, T, hd) each
+
+        use_checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        for block in self.layers:
+            if use_checkpoint:
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.lm_head(self.norm(x))  # (B, T, V_padded)
+        if self.config.padded_vocab_size > self.config.vocab_size:
+            logits = mask_padded_logits(logits, self.config.vocab_size)
+        return logits
+
+
+def mask_padded_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Set columns ``>= vocab_size`` to the dtype's most negative finite value (out of place)."""
+    padded = torch.arange(logits.shape[-1], device=logits.device) >= vocab_size  # (V_padded,)
+    return logits.masked_fill(padded, torch.finfo(logits.dtype).min)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def next_token_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    z_loss_weight: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Weighted cross-entropy plus z-loss over the counted tokens.
+
+    Args:
+        logits: ``(B, T, V)`` (padded columns allowed: they hold a huge negative value).
+        targets: ``(B, T)`` already aligned with ``logits`` (``targets[:, t]`` is the token that follows
+            input ``t``); ``-100`` marks tokens that do not count.
+        weights: optional ``(B, T)`` per-token weights (a 0/1 loss mask or per-modality weights). A token
+            counts when its target is not ``-100`` and its weight is > 0.
+        z_loss_weight: multiplier of ``z_loss``.
+
+    Returns:
+        dict with ``loss = ce + z_loss_weight * z_loss`` (scalar, differentiable); ``ce`` = weighted mean
+        ``sum(w * ce_t) / sum(w)`` over counted tokens; ``z_loss`` = unweighted mean of
+        ``logsumexp(logits_t)^2`` over counted tokens; ``ce_sum`` = ``sum(w * ce_t)`` and ``weight_sum`` (for
+        exact averaging across micro-batches/ranks); ``n_tokens`` (counted tokens) and ``accuracy`` (argmax
+        hits among counted tokens, detached). With no counted token every value is 0.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree")
+    if weights is not None and weights.shape != targets.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must match targets {tuple(targets.shape)}")
+    logits32 = logits.float().reshape(-1, logits.shape[-1])  # (N, V)
+    flat_targets = targets.reshape(-1)  # (N,)
+    counted = flat_targets != IGNORE_INDEX  # (N,)
+    w = counted.float() if weights is None else weights.reshape(-1).float() * counted
+    counted = counted & (w > 0)
+    ce_tok = F.cross_entropy(logits32, flat_targets, ignore_index=IGNORE_INDEX, reduction="none")  # (N,)
+    lse = torch.logsumexp(logits32, dim=-1)  # (N,)
+    n_tokens = counted.sum()
+    weight_sum = w.sum()
+    ce_sum = (w * ce_tok).sum()
+    ce = torch.where(weight_sum > 0, ce_sum / weight_sum.clamp(min=1e-12), ce_sum * 0.0)
+    z_loss = (lse.square() * counted).sum() / n_tokens.clamp(min=1)
+    with torch.no_grad():
+        hits = (logits32.argmax(-1) == flat_targets) & counted
+        accuracy = hits.sum() / n_tokens.clamp(min=1)
+    return {
+        "loss": ce + z_loss_weight * z_loss,
+        "ce": ce,
+        "z_loss": z_loss,
+        "ce_sum": ce_sum,
+        "weight_sum": weight_sum,
+        "n_tokens": n_tokens,
+        "accuracy": accuracy,
+    }
