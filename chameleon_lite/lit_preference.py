@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from chameleon_lite.data.preference_pairs import PreferencePair, read_preference_pairs
+from chameleon_lite.data.task_formats import image_response
 from chameleon_lite.model import IGNORE_INDEX
 from chameleon_lite.optimizers import clip_fused_directly, use_fused_adamw
 from chameleon_lite.safe_io import check_writable_dir
@@ -72,6 +73,15 @@ def _prompt(pair: PreferencePair) -> list:
     return [pair.image, pair.prompt] if pair.prompt.strip() else [pair.image]
 
 
+def _response_ids(pair: PreferencePair, side: str, bundle: Any) -> list[int]:
+    """``pair.<side>`` as the training formats end a response: an answer (or, without a question, a caption) then
+    ``<eos>`` (``task_formats.image_response``)."""
+    ids = bundle.text.encode(getattr(pair, side).strip())
+    if pair.prompt.strip():
+        return image_response("qa", {"question": [], "answer": ids}, bundle.vocab)[1]
+    return image_response("caption", {"caption": ids}, bundle.vocab)[1]
+
+
 def response_rows(model: Any, pairs: Sequence[PreferencePair], side: str) -> dict[str, Tensor]:
     """The tensors that score ``pair.<side>`` (``"chosen"`` or ``"rejected"``) after each pair's prompt.
 
@@ -98,7 +108,7 @@ def response_rows(model: Any, pairs: Sequence[PreferencePair], side: str) -> dic
             with torch.no_grad(), torch.autocast(device.type, enabled=False):  # the codes generate() would see
                 ids = build_prompt_ids(_prompt(pair), "text", bundle, model.image_code_cache)
         prompts.append(ids)
-    responses = [[*bundle.text.encode(getattr(p, side).strip()), vocab.eos] for p in pairs]
+    responses = [_response_ids(p, side, bundle) for p in pairs]
     T = max(len(a) + len(b) for a, b in zip(prompts, responses))
     input_ids = torch.full((len(pairs), T), vocab.pad, dtype=torch.long)  # (B, T)
     in_response = torch.zeros(len(pairs), T, dtype=torch.bool)  # (B, T)

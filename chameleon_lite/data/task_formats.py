@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["CONTROLS", "TaskFormat", "FORMATS", "SAMPLE_FORMATS", "PAIR_FORMATS", "QA_FORMATS", "column",
-           "control_ids", "document_pieces", "prompt_ids", "image_response", "generation_prompt"]
+           "control_ids", "document_pieces", "prompt_ids", "image_prefix", "image_response", "generation_prompt"]
 
 CONTROLS = ("bos", "eos", "sep", "boi")
 """Part names that are control tokens (``Vocab`` attributes of the same name); every other part is a field."""
