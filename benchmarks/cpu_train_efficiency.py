@@ -64,6 +64,7 @@ from omegaconf import OmegaConf
 
 from chameleon_lite.comparison.training import baseline_flops
 from chameleon_lite.model.model_dir import resolve_bundle_path
+from chameleon_lite.model.presets import expand_presets
 from chameleon_lite.training.lightning_cli import run_lightning_cli
 from chameleon_lite.training.lit_native import flops_per_token
 from chameleon_lite.training.perf import fastest_cpu_precision, measured_matmul_flops
@@ -102,7 +103,8 @@ class Recipe:
         if name not in KINDS:
             raise ValueError(f"{path}: model {class_path} is not one of {sorted(KINDS)}")
         model_class = getattr(importlib.import_module(module_name), name)
-        init_args = OmegaConf.to_container(raw.model.get("init_args", {}), resolve=False)
+        # a decoder block's `preset:` expanded as the recipe loader does (chameleon_lite.model.presets)
+        init_args = expand_presets(OmegaConf.to_container(raw.model.get("init_args", {}), resolve=False))
         data_args = OmegaConf.to_container(raw.data.get("init_args", {}), resolve=False)
         return cls(Path(path), KINDS[name], model_class, init_args, data_args)
 

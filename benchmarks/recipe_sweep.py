@@ -44,10 +44,12 @@ def run_one(name: str, extra: list[str], args: argparse.Namespace) -> dict:
                                train_samples=samples, seed=args.seed,
                                extra=[*precision, *cfg.native.overrides, *extra], progress=False)
         from chameleon_lite.comparison.training import read_loss_curve
+
         val = {key: read_loss_curve(out / "native", key)[-1:] for key in ("val/image_loss", "val/text_loss")}
         model = ChameleonLite.from_pretrained(trained.model_dir)
     else:
         from chameleon_lite.baseline.vlm import BaselineVLM
+
         b = cfg.baseline
         trained = train_baseline(
             b.encoder_recipe, b.stage1_recipe, b.stage2_recipe, out, raw=cfg.data.raw, tokenizer=cfg.data.tokenizer,

@@ -27,12 +27,14 @@ def _positive_int(text: str) -> int:
 def _bundle(name: str) -> str:
     """A bundle path, or the shipped bundle a name such as ``shapes-64`` or ``tokenizers/shapes-64`` means."""
     from chameleon_lite.shipped import resolve_path
+
     return str(resolve_path(name, kind="bundle"))
 
 
 def _recipe(name: str) -> str:
     """A YAML path, or the shipped recipe a name such as ``compare/demo`` or ``configs/compare/demo.yaml`` means."""
     from chameleon_lite.shipped import resolve_path
+
     return str(resolve_path(name, kind="config"))
 
 
@@ -63,6 +65,7 @@ def _data_shapes(args: argparse.Namespace) -> int:
              if value is not None}  # the rest keep WorldConfig's defaults (64 px, grid 3, 6 objects)
     if args.demo_world:
         from chameleon_lite.comparison.demo import DEMO_WORLD
+
         if given:
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
             raise SystemExit(f"chameleon-lite data shapes: --demo-world sets the world (the demo's 32-px, 2x2-grid "
@@ -83,6 +86,7 @@ def _data_import(args: argparse.Namespace) -> int:
     import json
 
     from chameleon_lite.data.folder_import import import_folder
+
     try:
         summary = import_folder(args.images, args.out, captions=args.captions, qa=args.qa, val=args.val,
                                 test=args.test, seed=args.seed, shard_size=args.shard_size, overwrite=args.overwrite)
@@ -95,6 +99,7 @@ def _data_import(args: argparse.Namespace) -> int:
 
 def _data_fashion_mnist(args: argparse.Namespace) -> int:
     from chameleon_lite.world.fashion_mnist import write_fashion_mnist_folder
+
     try:
         counts = write_fashion_mnist_folder(args.src, args.out, train=args.train, test=args.test, seed=args.seed)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
@@ -141,6 +146,7 @@ def _eval_tokenizer(args: argparse.Namespace) -> int:
     world = None
     if args.world:
         from chameleon_lite.world.shapes_world import load_world_spec
+
         world = load_world_spec(args.world).world
     dataset = pair_dataset(args.shards, require_text=False)
     images = (s["image"] for s in islice(dataset, args.limit))
@@ -148,6 +154,7 @@ def _eval_tokenizer(args: argparse.Namespace) -> int:
     print(format_report(metrics))
     if args.grid:
         from chameleon_lite.eval.tokenizer_eval import reconstruction_grid
+
         first = [s["image"] for s in islice(pair_dataset(args.shards, require_text=False), 12)]
         reconstruction_grid(bundle.image_tokenizer, first, world=world).save(args.grid)
         print(f"reconstruction grid written to {args.grid}")
@@ -174,6 +181,7 @@ def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from chameleon_lite.native.chameleon import export_checkpoint
+
     if args.format == "model-dir":
         if not args.ckpt or args.model:
             raise SystemExit("export --format model-dir: give --ckpt (a Lightning checkpoint)")
@@ -198,6 +206,7 @@ def _images(args: argparse.Namespace) -> list:
     from PIL import Image
 
     from chameleon_lite.tokenization.image_preprocessing import to_rgb
+
     images = []
     for path in args.image or []:
         try:
@@ -222,6 +231,7 @@ def _generate(args: argparse.Namespace) -> int:
     from chameleon_lite import ChameleonLite
     from chameleon_lite.baseline.vlm import BaselineVLM
     from chameleon_lite.model.model_dir import model_dir_kind
+
     try:
         kind = model_dir_kind(args.model)  # validated (plain YAML, a mapping) before anything reads it
     except ValueError as err:
@@ -309,8 +319,10 @@ def _learning_curve(args: argparse.Namespace) -> int:
         raise SystemExit(f"learning-curve: {err}") from err
     if args.demo_world:
         from chameleon_lite.comparison.demo import prepare_demo_data
+
         overrides = [*prepare_demo_data(args.out, args.config, progress=not args.no_progress), *overrides]
     from chameleon_lite.training.lightning_cli import quiet_lightning
+
     with quiet_lightning():
         learning_curve(args.config, args.out, budgets, overrides=overrides, progress=not args.no_progress)
     print(Path(args.out, "curve.md").read_text(encoding="utf-8").split("## Training time")[0])
@@ -319,6 +331,7 @@ def _learning_curve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from chameleon_lite.shipped import describe_shipped
+
     parser = argparse.ArgumentParser(prog="chameleon-lite", description=__doc__.splitlines()[0],
                                      epilog=describe_shipped(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"chameleon-lite {__version__}")

@@ -127,6 +127,7 @@ def test_qa_per_image_rows_chain_the_questions_about_one_image(bundle, world):
 
 def test_length_grouped_batches_are_seeded_disjoint_and_similar_in_length():
     from chameleon_lite.data.baseline_datamodule import length_grouped_batches
+
     lengths = [(i * 37) % 200 for i in range(1000)]
     a = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(1), window=10)
     b = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(1), window=10)
@@ -148,6 +149,7 @@ def test_image_changes_the_prediction(bundle, world):
 
 def _fit(recipe: Path, run: Path, world: Path, steps: int, extra: list[str]) -> dict[int, float]:
     from chameleon_lite.training.lightning_cli import run_lightning_cli
+
     run_lightning_cli(["fit", "--config", str(recipe),
                        f"--data.init_args.train_shards={world / 'train' / '*.tar'}",
                        f"--data.init_args.val_shards={world / 'val' / '*.tar'}",

@@ -22,6 +22,7 @@ def test_torch_floor_loads_weights_only_by_default_and_keeps_the_upper_bound():
 @pytest.mark.parametrize("url", ["https://example.com/last.ckpt", "http://10.0.0.1/x.ckpt", "HTTPS://EXAMPLE.COM/a"])
 def test_fit_refuses_a_checkpoint_url_before_anything_runs(tmp_path, url, monkeypatch):
     from chameleon_lite.training.lightning_cli import run_lightning_cli
+
     def no_download(*args, **kwargs):
         raise AssertionError("a URL checkpoint was fetched")
 
@@ -34,6 +35,7 @@ def test_fit_refuses_a_checkpoint_url_before_anything_runs(tmp_path, url, monkey
 
 def test_local_and_special_checkpoint_paths_are_accepted():
     from chameleon_lite.training.lightning_cli import check_ckpt_path
+
     for ok in (None, "last", "best", "runs/x/last.ckpt", "/abs/path.ckpt", "s3://bucket/x.ckpt"):
         check_ckpt_path(ok)
 

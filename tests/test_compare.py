@@ -54,6 +54,7 @@ def _config(toy: Path, path: Path) -> Path:
 
 def test_compare_on_a_toy_budget_writes_a_complete_report(toy, tmp_path, monkeypatch):
     from chameleon_lite.comparison.run import compare
+
     monkeypatch.chdir(REPO)  # recipes are named relative to the repository, as in configs/compare/*.yaml
     out = tmp_path / "out"
     result = compare(_config(toy, tmp_path / "toy.yaml"), out, progress=False)
@@ -146,6 +147,7 @@ def test_peak_memory_sees_a_transient_allocation():
     import numpy as np
 
     from chameleon_lite.comparison.evaluate import PeakMemory
+
     with PeakMemory(interval=0.01) as quiet:
         pass
     with PeakMemory(interval=0.01) as busy:
@@ -159,6 +161,7 @@ def test_peak_memory_sees_a_transient_allocation():
 
 def test_eval_device_is_checked_and_auto_follows_cuda(monkeypatch):
     from chameleon_lite.comparison.config import EvalSpec
+
     with pytest.raises(ValueError, match="eval.device='tpu'"):
         EvalSpec(device="tpu")
     assert EvalSpec(device="cuda:1").resolved_device() == "cuda:1"
@@ -171,6 +174,7 @@ def test_eval_device_is_checked_and_auto_follows_cuda(monkeypatch):
 def test_shipped_gpu_compare_config_loads_and_matches_the_demo_decoder():
     """configs/compare/gpu.yaml is the demo's comparison on a GPU: same world data layout, same recipes."""
     from chameleon_lite.comparison.config import load_compare_config
+
     gpu, demo = load_compare_config("configs/compare/gpu.yaml"), load_compare_config("configs/compare/demo.yaml")
     assert gpu.precision == "bf16-mixed" and gpu.seeds == [0, 1, 2]
     assert gpu.native.recipe == demo.native.recipe and gpu.data.tokenizer == demo.data.tokenizer
@@ -188,6 +192,7 @@ def imported(tmp_path_factory):
     from PIL import Image
 
     from chameleon_lite.data.folder_import import import_folder
+
     root = tmp_path_factory.mktemp("imported")
     photos = root / "photos"
     photos.mkdir()
@@ -214,6 +219,7 @@ def test_compare_on_imported_data_without_a_world(imported, tmp_path, monkeypatc
     """Issue 17: no world.yaml. Understanding is scored on the imported test questions, captions as usual, and
     text->image by R-precision with the contrastive model of the baseline's ViT pretraining (no scene parser)."""
     from chameleon_lite.comparison.run import compare
+
     monkeypatch.chdir(REPO)
     assert not (imported / "raw" / "world.yaml").exists()
     out = tmp_path / "out"
@@ -238,6 +244,7 @@ def test_compare_on_imported_data_without_a_world(imported, tmp_path, monkeypatc
     report = result["report"].read_text()
     assert "imported data" in report and "scored by R-precision" in report and "scored by the scene" not in report
     from chameleon_lite.comparison.progress import headline_lines
+
     assert any("R-precision" in line for line in headline_lines(result["report"]))  # what the CLI prints at the end
 
     cfg.eval.text_to_image_scorer = "parser"  # no world to parse: refused before anything is trained
@@ -288,6 +295,7 @@ def test_shipped_comparisons_have_matched_decoders_and_a_mismatch_is_refused_bef
     only after training, as matched_decoder: false)."""
     from chameleon_lite.comparison.config import CompareConfigError, load_compare_config
     from chameleon_lite.comparison.run import check_matched_decoders
+
     monkeypatch.chdir(REPO)
     check_matched_decoders(load_compare_config(path))
     cfg = load_compare_config(path, ["native.overrides=[--model.init_args.model.n_layers=7]"])

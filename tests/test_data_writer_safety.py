@@ -95,6 +95,7 @@ def test_data_and_model_directories_are_not_mixed(tmp_path):
 # ---------------------------------------------------------------------------------------------- world and tokens
 def _tiny_spec():
     from chameleon_lite.world.shapes_world import ShapesWorldSpec
+
     spec = ShapesWorldSpec(train=3, val=2, test=2, seed=1, questions_per_scene=2, shard_size=2)
     spec.world.image_size, spec.world.grid, spec.world.max_objects = 32, 2, 2
     return spec
@@ -200,6 +201,7 @@ def fast_compare(monkeypatch):
 
 def _config(tmp_path: Path, seeds=(0,)):
     from chameleon_lite.comparison.config import CompareConfig
+
     cfg = CompareConfig(name="t", train_samples=1, seeds=list(seeds))
     cfg.data.raw, cfg.data.tokens = str(tmp_path / "raw"), str(tmp_path / "tokens")
     cfg.native.model_dir = cfg.baseline.model_dir = str(tmp_path / "models")  # nothing trained
@@ -209,6 +211,7 @@ def _config(tmp_path: Path, seeds=(0,)):
 @pytest.mark.parametrize("name", ["report.md", "metrics.json", "loss_curves.png", "seed1", "seed1/notes.txt"])
 def test_compare_refuses_a_colliding_name_before_training(tmp_path, fast_compare, name):
     from chameleon_lite.comparison.run import compare
+
     out = tmp_path / "out"
     mine = _user_file(out / name)
     before = _snapshot(out)
@@ -223,6 +226,7 @@ def test_the_cli_reports_a_refusal_in_one_line(tmp_path, fast_compare):
     from omegaconf import OmegaConf
 
     from chameleon_lite.cli import main
+
     config = tmp_path / "compare.yaml"
     OmegaConf.save(OmegaConf.structured(_config(tmp_path)), config)
     out = tmp_path / "out"
@@ -236,6 +240,7 @@ def test_the_cli_reports_a_refusal_in_one_line(tmp_path, fast_compare):
 
 def test_compare_records_its_output_and_replaces_it_on_a_rerun(tmp_path, fast_compare):
     from chameleon_lite.comparison.run import compare
+
     out = tmp_path / "out"
     _user_file(out / "notes.md")
     _user_file(out / "data" / "report.md")  # another folder's file of the same name: not compare's business
@@ -255,6 +260,7 @@ def test_compare_records_its_output_and_replaces_it_on_a_rerun(tmp_path, fast_co
 
 def test_demo_runs_on_a_fresh_and_on_its_own_out_and_refuses_a_users_report(tmp_path, fast_compare):
     from chameleon_lite.comparison.demo import demo
+
     world = {"train": 3, "val": 2, "test": 2, "seed": 1, "questions_per_scene": 2,
              "world": {"image_size": 32, "grid": 2, "max_objects": 2}}
     demo_overrides = [f"native.model_dir={tmp_path / 'm'}", f"baseline.model_dir={tmp_path / 'm'}"]
@@ -279,6 +285,7 @@ def test_demo_runs_on_a_fresh_and_on_its_own_out_and_refuses_a_users_report(tmp_
 def test_learning_curve_refuses_a_colliding_name_before_any_budget_runs(tmp_path, monkeypatch, name):
     import chameleon_lite.comparison.run as run
     from chameleon_lite.comparison.learning_curve import learning_curve
+
     calls = []
     monkeypatch.setattr(run, "compare", lambda *a, **k: calls.append(a))
     config = tmp_path / "c.yaml"

@@ -120,6 +120,7 @@ def test_bad_generation_arguments_are_refused_naming_them(native, baseline, arm,
 def test_baseline_stream_checks_its_arguments_when_called(baseline) -> None:
     """As the native ``stream``: a bad argument raises at the call, not at the first ``next()``."""
     from chameleon_lite.generation.baseline import stream
+
     for kwargs, name in [({"seed": 2**70}, "seed"), ({"temperature": math.inf}, "temperature"),
                          ({"stop_ids": ["x"]}, "stop_ids"), ({"mode": "image"}, "mode")]:
         with pytest.raises((ValueError, TypeError), match=name):

@@ -428,6 +428,7 @@ def test_cli_generate_writes_text_and_images(tmp_path, capsys) -> None:
     decoder = Decoder(DecoderConfig(vocab_size=bundle.vocab.size, d_model=32, n_layers=1, n_heads=2, max_seq_len=160))
     export_model_dir(decoder, bundle, tmp_path / "model")
     from chameleon_lite import ChameleonLite
+
     render = Image.new("RGB", (64, 64), "white")
     render.paste((255, 0, 0), (20, 20, 44, 44))
     render.save(tmp_path / "scene.png")
@@ -448,6 +449,7 @@ def test_cli_generate_writes_text_and_images(tmp_path, capsys) -> None:
     clear.paste((255, 0, 0, 255), (20, 20, 44, 44))
     clear.save(tmp_path / "clear.png")
     from chameleon_lite.cli import _images
+
     (read,) = _images(argparse.Namespace(image=[str(tmp_path / "clear.png")]))
     assert read.mode == "RGB" and read.getpixel((0, 0)) == (255, 255, 255) and read.getpixel((30, 30)) == (255, 0, 0)
     (tmp_path / "bad.png").write_bytes(b"not an image")

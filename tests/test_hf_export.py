@@ -25,6 +25,7 @@ NEW_TOKENS = 24
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     from chameleon_lite.cli import main
+
     tmp = tmp_path_factory.mktemp("hf_export")
     bundle = load_bundle(resolve_path("shapes-32", kind="bundle"))
     torch.manual_seed(0)

@@ -254,6 +254,7 @@ def test_prompt_images_get_the_training_colour_conversion(mode: str, pad_color: 
     import io
 
     from chameleon_lite.data.decoding import decode_image
+
     image = _half_transparent(mode)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

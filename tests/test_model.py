@@ -50,6 +50,7 @@ def _hf_model(config: DecoderConfig, seed: int):
     from transformers import ChameleonForConditionalGeneration
 
     from chameleon_lite.model.hf_port import hf_chameleon_config
+
     vocabulary_map = {"<image>": 95, **{f"IMGIMG{chr(ord('A') + i)}Z": t for i, t in enumerate(IMAGE_IDS)}}
     hf_config = hf_chameleon_config(config, vocabulary_map=vocabulary_map, attn_implementation="eager")
     torch.manual_seed(seed)

@@ -86,6 +86,7 @@ def test_fit_lowers_loss_and_exports(tokens, tmp_path):
 def test_resume_is_exact(tokens, tmp_path):
     """Stopped after 4 steps and resumed from its checkpoint, a run logs the same losses for steps 5..8."""
     from chameleon_lite.training.lightning_cli import run_lightning_cli
+
     ckpt = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
             "--trainer.callbacks.every_n_train_steps=4", "--trainer.callbacks.save_top_k=-1"]
     full = tmp_path / "full"

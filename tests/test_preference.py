@@ -182,6 +182,7 @@ def test_pairs_round_trip_through_shards(world, tmp_path):
 @pytest.mark.parametrize("arm", ["native", "baseline"])
 def test_rows_score_the_response_after_the_generation_prompt(arm, world, model_dirs):
     from chameleon_lite.training.lit_preference import load_policy
+
     model = load_policy(model_dirs[arm]).eval()
     pairs, _ = build_preference_pairs(world, pairs=6, seed=0)
     rows = response_rows(model, pairs, "chosen")
@@ -201,6 +202,7 @@ def test_rows_score_the_response_after_the_generation_prompt(arm, world, model_d
 @pytest.mark.parametrize("arm", ["native", "baseline"])
 def test_dpo_fit_moves_the_policy_and_never_the_reference(arm, world, model_dirs, tmp_path, monkeypatch):
     from chameleon_lite.training.lightning_cli import run_lightning_cli
+
     monkeypatch.chdir(REPO)
     pairs, _ = build_preference_pairs(world, pairs=48, seed=0)
     write_preference_shards(pairs, tmp_path / "prefs")
@@ -214,6 +216,7 @@ def test_dpo_fit_moves_the_policy_and_never_the_reference(arm, world, model_dirs
         f"--trainer.callbacks.init_args.out_dir={out / 'model'}"])
     module = cli.model
     from chameleon_lite.training.lit_preference import load_policy
+
     fresh = load_policy(model_dirs[arm]).state_dict()
     ref = module.reference.state_dict()
     assert all(torch.equal(ref[k], fresh[k]) for k in fresh), "the reference moved"

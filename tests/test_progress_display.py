@@ -61,6 +61,7 @@ def toy_config(tmp_path_factory) -> Path:
 def test_compare_shows_one_bar_over_every_stage_and_ends_with_the_headline(toy_config, tmp_path, capfd,
                                                                              monkeypatch):
     from chameleon_lite.cli import main
+
     monkeypatch.chdir(REPO)  # the compare config names its recipes relative to the repository
     closed = []
     close = PipelineProgress.close

@@ -32,6 +32,7 @@ def toy_tokens(tmp_path_factory) -> Path:
 
 def test_a_comparison_fit_prints_no_lightning_banners(toy_tokens, tmp_path, capfd, recwarn):
     from chameleon_lite.comparison.training import train_native
+
     capfd.readouterr()
     extra = [f"--model.init_args.model.{x}" for x in DECODER] + [
         "--data.init_args.seq_len=128", "--model.init_args.model.max_seq_len=128", "--data.init_args.batch_size=4",
@@ -52,6 +53,7 @@ def test_compare_and_demo_run_inside_quiet_lightning(tmp_path, monkeypatch):
     import chameleon_lite.comparison.demo as demo_module
     import chameleon_lite.comparison.run as run_module
     from chameleon_lite.cli import main
+
     seen = []
 
     def fake_compare(config, out, overrides=(), progress=True):

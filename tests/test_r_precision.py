@@ -156,6 +156,7 @@ def test_export_reload_and_score(trained, tmp_path):
     import shutil
 
     from chameleon_lite.data.baseline_data import contrastive_batch
+
     module, data, out = trained
     config = load_plain_yaml(out / "config.yaml")
     assert config["kind"] == "contrastive_scorer" and config["tokenizer"] == "shapes-32"
@@ -234,6 +235,7 @@ def test_load_scorer_refuses_bad_directories(trained, tmp_path):
         load_scorer(bad)
     # the export refuses a directory it did not write, before training
     from chameleon_lite.training.lit_baseline import ExportContrastiveScorer
+
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

@@ -41,6 +41,7 @@ def read_manifest(directory: Path) -> list[str] | None:
 
 def load_plain_yaml(file: Path):
     from chameleon_lite.safe_io import load_plain_yaml
+
     return load_plain_yaml(file)
 
 
@@ -323,6 +324,7 @@ def test_non_utf8_yaml_is_named(tmp_path):
 
 def test_compare_config_is_not_interpolated(tmp_path, monkeypatch):
     from chameleon_lite.comparison.config import load_compare_config
+
     monkeypatch.setenv("CHAMELEON_TEST_SECRET", SECRET)
     cfg = tmp_path / "compare.yaml"
     cfg.write_text("name: ${oc.env:CHAMELEON_TEST_SECRET}\ntrain_samples: 10\n")
@@ -340,6 +342,7 @@ def test_export_callbacks_refuse_the_target_before_training(tmp_path):
     from chameleon_lite.training.bundle_export import ExportTokenizerBundle
     from chameleon_lite.training.lit_baseline import ExportBaselineDir, ExportVisionEncoder
     from chameleon_lite.training.lit_native import ExportModelDir
+
     project = tmp_path / "project"
     project.mkdir()
     before = project_dir(project)

@@ -207,6 +207,7 @@ def test_parallel_error_leaves_no_temporary_folder(tmp_path):
 
 def test_cli_data_shapes_demo_world(tmp_path, capsys):
     from chameleon_lite.comparison.demo import DEMO_WORLD
+
     out = tmp_path / "demo"
     assert main(["data", "shapes", "--out", str(out), "--demo-world", "--train", "3", "--val", "1", "--test", "1",
                  "--num-workers", "2"]) == 0

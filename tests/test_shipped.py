@@ -64,6 +64,7 @@ def test_cli_lists_and_reads_shipped_bundles(elsewhere, capsys):
 
 def test_lightning_config_args_resolve_shipped_recipes(elsewhere):
     from chameleon_lite.training.lightning_cli import resolve_config_args
+
     root = shipped_root()
     got = resolve_config_args(["fit", "--config", "native/tiny", "-c", "configs/native/demo.yaml",
                                "--config=compare/demo", "--trainer.max_steps=1"])

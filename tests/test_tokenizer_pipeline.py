@@ -189,6 +189,7 @@ def test_every_config_parses(tmp_path, monkeypatch):
 
 def test_unknown_recipe_key_is_rejected(tmp_path):
     from chameleon_lite.training.lightning_cli import parse_recipe
+
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "configs" / "tokenizer" / "shapes-64.yaml").read_text().replace("lr: 1.0e-3", "lr_typo: 1"))
     with pytest.raises(SystemExit):  # jsonargparse reports the bad key and exits, as a CLI does

@@ -215,17 +215,20 @@ class BaselineVLM(nn.Module):
         """Text for one prompt or a batch of prompts (segments: ``str`` and ``PIL.Image``); see
         ``chameleon_lite.generation.baseline.generate``."""
         from chameleon_lite.generation.baseline import generate
+
         return generate(self, prompts, **kwargs)
 
     def stream(self, prompts: Any, **kwargs: Any) -> Any:
         """Text pieces as they are produced (``chameleon_lite.generation.baseline.stream``)."""
         from chameleon_lite.generation.baseline import stream
+
         return stream(self, prompts, **kwargs)
 
     def token_steps(self, prompts: Any, *, max_new_tokens: int | None = None) -> Any:
         """The engine's steps of greedy text generation, one per decoded position
         (``chameleon_lite.generation.baseline.token_steps``)."""
         from chameleon_lite.generation.baseline import token_steps
+
         return token_steps(self, prompts, max_new_tokens=max_new_tokens)
 
 

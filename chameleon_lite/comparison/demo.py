@@ -41,6 +41,7 @@ green square and yellow star)."""
 
 def _same_world(path: Path, spec) -> bool:
     from chameleon_lite.world.shapes_world import load_world_spec
+
     try:
         return OmegaConf.to_container(OmegaConf.structured(load_world_spec(path))) == OmegaConf.to_container(
             OmegaConf.structured(spec))

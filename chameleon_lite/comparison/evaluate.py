@@ -148,6 +148,7 @@ def evaluate_text_to_image_retrieval(model: Any, shards: str, scorer: Any, *, li
     (``generated``, ``real``, ``vq_reconstruction``) and per-sample rows for the example grid.
     """
     from chameleon_lite.eval.r_precision import r_precision
+
     pool = list(pair_dataset(shards))
     samples = pool[:limit]
     if not samples:
@@ -181,6 +182,7 @@ def evaluate_text_to_image_retrieval(model: Any, shards: str, scorer: Any, *, li
 def vq_reconstructions(tokenizer: Any, images: Sequence[Image.Image]) -> list[Image.Image]:
     """Each image encoded to codes and decoded back by the VQ ``tokenizer`` (on the tokenizer's device)."""
     from chameleon_lite.tokenization.image_preprocessing import preprocess_images
+
     with torch.inference_mode():
         pixels = preprocess_images(list(images), tokenizer.config)  # (N, C, H, W)
         pixels = pixels.to(next(tokenizer.parameters()).device)  # where the model (and its tokenizer) lives

@@ -239,6 +239,7 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
             scorer = None
             if arm == "native" and judge == "r_precision":
                 from chameleon_lite.eval.r_precision import load_scorer
+
                 scorer = load_scorer(cfg.eval.scorer_dir or trained["baseline"].stages["encoder"]["scorer_dir"],
                                      device=cfg.eval.resolved_device())
             result, rows = _evaluate_arm(arm, model, cfg, parse, references, False, scorer)  # the bar is the display
@@ -278,6 +279,7 @@ def check_matched_decoders(cfg: CompareConfig) -> None:
     vocabulary size, which the shared tokenizer sets): ``CompareConfigError`` naming the differing fields, found when
     the config is read rather than after training."""
     from chameleon_lite.training.lightning_cli import parse_recipe
+
     def decoder(recipe: str, overrides: list[str]) -> dict[str, Any]:
         parsed = parse_recipe(recipe, [o for o in overrides if o.startswith("--model.")])
         model = parsed.model.init_args.model
@@ -354,6 +356,7 @@ def precision_overrides(precision: str) -> list[str]:
     if torch.cuda.is_available():
         return []  # the recipes' own (bf16-mixed in the GPU recipes)
     from chameleon_lite.training.perf import fastest_cpu_precision
+
     chosen = fastest_cpu_precision()
     logger.info("precision auto: %s on this CPU", chosen)
     return [f"--trainer.precision={chosen}"]

@@ -184,6 +184,7 @@ def train_baseline(encoder_recipe: str, stage1_recipe: str, stage2_recipe: str, 
     callbacks = [bar.callback([enc_batch] * enc_steps)] if bar is not None else []
     if export_scorer:
         from chameleon_lite.training.lit_baseline import ExportContrastiveScorer
+
         callbacks.append(ExportContrastiveScorer(str(enc_dir / "scorer")))
     cli, seconds, _ = _fit(encoder_recipe, [
         *data, f"--data.init_args.train_shards={raw}/train/pairs-*.tar",

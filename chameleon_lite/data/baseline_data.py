@@ -7,7 +7,8 @@ The baseline reads the SAME raw shards as the native arm's pre-tokenizer, but ke
     # {"images": (B, C, H, W) float in [-1, 1], "input_ids": (B, T), "loss_mask": (B, T) bool, "task": (B,)}
 
 Row formats (``P`` = the ``<image>`` placeholder, ``Vocab.image_placeholder``, expanded by the model into the
-projected visual tokens; the loss covers the tokens in ``[...]``), mirroring the native arm's documents::
+projected visual tokens; the loss covers the tokens in ``[...]``): the native arm's documents of
+:mod:`chameleon_lite.data.task_formats` with ``P`` for the image (``image_prefix`` and ``image_response``)::
 
     pair -> caption       <bos> P [caption <eos>]
     qa   -> qa            <bos> P question <sep> [answer <eos>]
@@ -47,6 +48,7 @@ from tqdm.auto import tqdm
 from chameleon_lite.data import cache as data_cache
 from chameleon_lite.data.pretokenize import shards_by_kind
 from chameleon_lite.data.readers import pair_dataset, qa_dataset
+from chameleon_lite.data.task_formats import image_prefix, image_response
 from chameleon_lite.data.token_documents import QA_PER_IMAGE_MAX
 from chameleon_lite.tokenization.bundle import TokenizerBundle
 from chameleon_lite.tokenization.image_preprocessing import preprocess_images
@@ -234,14 +236,18 @@ def load_image_text_samples(
             tasks_of.append(TASKS.index(task))
             if task == "caption":
                 caption = sample["text"].strip()
-                out.prompt.append([])
-                out.target.append(text.encode(caption) + [vocab.eos])
+                context, response = image_response("caption", {"caption": text.encode(caption)}, vocab)
+                out.prompt.append(context)
+                out.target.append(response)
                 out.questions.append("")
                 out.answers.append(caption)
                 out.categories.append("caption")
             else:
-                out.prompt.append(text.encode(sample["question"].strip()) + [vocab.sep])
-                out.target.append(text.encode(sample["answer"].strip()) + [vocab.eos])
+                fields = {"question": text.encode(sample["question"].strip()),
+                          "answer": text.encode(sample["answer"].strip())}
+                context, response = image_response("qa", fields, vocab)
+                out.prompt.append(context)
+                out.target.append(response)
                 out.questions.append(sample["question"].strip())
                 out.answers.append(sample["answer"].strip())
                 out.categories.append(sample["category"])
@@ -287,7 +293,8 @@ def vlm_batch(samples: ImageTextSamples, indices: Sequence[int | Sequence[int]],
         group = [int(entry)] if isinstance(entry, (int, np.integer)) else [int(i) for i in entry]
         if len({int(samples.image_index[i]) for i in group}) != 1:
             raise ValueError(f"samples {group} of one row must share their image")
-        row, mask = [vocab.bos, vocab.image_placeholder], [False, False]
+        head = image_prefix(TASKS[samples.task[group[0]]], {"image": [vocab.image_placeholder]}, vocab)  # <bos> P
+        row, mask = head, [False] * len(head)
         for i in group:
             row += [*samples.prompt[i], *samples.target[i]]
             mask += [False] * len(samples.prompt[i]) + [True] * len(samples.target[i])

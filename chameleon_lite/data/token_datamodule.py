@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from chameleon_lite.data.pretokenize import KINDS
+from chameleon_lite.data.task_formats import column
 from chameleon_lite.data.token_documents import TokenDocuments, load_token_documents
 from chameleon_lite.model.decoder import IGNORE_INDEX
 from chameleon_lite.tokenization.bundle import TokenizerBundle, load_bundle
@@ -166,7 +167,8 @@ class DocumentPacker:
         self.docs, self.vocab, self.mix, self.seq_len, self.seed = docs, vocab, mix, seq_len, seed
         self.samples = {k: samples[docs.sample_kind[samples] == KINDS.index(k)] for k in mix.kinds}
         if mix.qa_per_image and "qa" in self.samples:  # an image's document is stored with its first question
-            self.samples["qa"] = self.samples["qa"][docs.sample_formats[self.samples["qa"], 1] >= 0]
+            qa = self.samples["qa"]
+            self.samples["qa"] = qa[docs.sample_formats[qa, column("qa_per_image")] >= 0]
         self._plans: OrderedDict[int, EpochPlan] = OrderedDict()
         self._doc_loss: np.ndarray | None = None
         self.context: np.ndarray | None = None  # (N_tok,) context flags, computed when context_loss_weight > 0
@@ -187,20 +189,22 @@ class DocumentPacker:
                 rng = _rng(self.seed, epoch, _STREAM_REPEAT, KINDS.index(kind))
                 picks.append(np.sort(rng.choice(samples, n, replace=False)))
             occurrences = np.concatenate(picks)
-            formats = self.docs.sample_formats[occurrences]  # (n, 3)
-            if kind == "qa" and self.mix.qa_per_image:
-                chosen.append(formats[:, 1])
+            formats = self.docs.sample_formats[occurrences]  # (n, 3), columns task_formats.SAMPLE_FORMATS[kind]
+            if kind == "qa":
+                chosen.append(formats[:, column("qa_per_image" if self.mix.qa_per_image else "qa")])
                 continue
             if kind != "pair":
-                chosen.append(formats[:, 0])
+                chosen.append(formats[:, column(kind)])  # doc: its one format
                 continue
             uncond = _rng(self.seed, epoch, _STREAM_DROPOUT).random(len(occurrences)) < self.mix.cfg_dropout
-            generation = formats[np.arange(len(occurrences)), np.where(uncond, 2, 1)]
+            generation = formats[np.arange(len(occurrences)),
+                                 np.where(uncond, column("generation_uncond"), column("generation"))]
+            captions = formats[:, column("caption")]
             if self.mix.both_pair_formats:
-                chosen += [formats[:, 0], generation]
+                chosen += [captions, generation]
             else:
                 caption = _rng(self.seed, epoch, _STREAM_CAPTION).random(len(occurrences)) < self.mix.caption_prob
-                chosen.append(np.where(caption, formats[:, 0], generation))
+                chosen.append(np.where(caption, captions, generation))
         return np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
 
     def plan(self, epoch: int) -> EpochPlan:

@@ -5,9 +5,9 @@
     docs = load_token_documents("data/tokens/train", load_bundle("tokenizers/shapes-64", load_image_tokenizer=False))
     docs.ids[docs.doc_start[d]:docs.doc_start[d] + docs.doc_len[d]]  # document d, vocabulary ids
 
-Token samples (``chameleon_lite.data.pretokenize``) become documents. ``I`` is an image,
-``<boi> c_0 .. c_{h*w-1} <eoi>`` (``Vocab.image_to_ids``; with the bundle's ``use_eol`` an ``<eol>`` ends each
-row); the loss covers the tokens in ``[...]``::
+Token samples (``chameleon_lite.data.pretokenize``) become documents in every format of their kind, as
+:mod:`chameleon_lite.data.task_formats` defines them (``I`` is an image, ``Vocab.image_to_ids``; the loss covers
+the tokens in ``[...]``)::
 
     pair -> caption             <bos> I [caption <eos>]
          -> generation          <bos> caption <boi> [c_0 .. c_{h*w-1} <eoi>] <eos>
@@ -56,15 +56,23 @@ from omegaconf import OmegaConf
 from chameleon_lite.data import cache as data_cache
 from chameleon_lite.data.pretokenize import KINDS, RECORD_FILE, token_record
 from chameleon_lite.data.readers import list_shards
+from chameleon_lite.data.task_formats import (
+    FORMATS,
+    PAIR_FORMATS,
+    QA_FORMATS,
+    SAMPLE_FORMATS,
+    column,
+    control_ids,
+    document_pieces,
+)
 from chameleon_lite.tokenization.bundle import TokenizerBundle
 from chameleon_lite.tokenization.vocab import Vocab
 
-__all__ = ["PAIR_FORMATS", "TokenDocuments", "load_token_documents", "check_token_record", "tokenize_hint"]
+__all__ = ["PAIR_FORMATS", "QA_FORMATS", "TokenDocuments", "load_token_documents", "check_token_record",
+           "tokenize_hint"]
 
 logger = logging.getLogger(__name__)
 
-PAIR_FORMATS = ("caption", "generation", "generation_uncond")  # columns of TokenDocuments.sample_formats
-QA_FORMATS = ("qa", "qa_per_image")  # a QA sample's columns (qa_per_image only for the first question of an image)
 QA_PER_IMAGE_MAX = 12  # questions in one qa_per_image document (identical pictures of several scenes are chunked)
 CACHE_VERSION = 3
 
@@ -88,9 +96,9 @@ class TokenDocuments:
             ``qa_per_image`` document).
         sample_kind: ``(N,)`` int8, index into ``KINDS``.
         sample_key: ``(N,)`` str, the sample's webdataset key.
-        sample_formats: ``(N, 3)`` int64 document per format; a pair has ``PAIR_FORMATS``, a QA sample
-            ``QA_FORMATS`` (column 1 is -1 unless it is the first question about its image), a doc column 0
-            (-1 where a sample has no such format).
+        sample_formats: ``(N, 3)`` int64 document per format, columns as ``task_formats.SAMPLE_FORMATS`` (a pair
+            has ``PAIR_FORMATS``, a QA sample ``QA_FORMATS`` (``qa_per_image`` is -1 unless it is the first question
+            about its image), a doc ``("doc",)``; -1 where a sample has no such format).
     """
 
     ids: np.ndarray
@@ -113,7 +121,7 @@ class TokenDocuments:
         either the single-question document or, with ``qa_per_image``, the per-image one; 0 if it has none)."""
         formats = self.sample_formats.copy()
         is_qa = self.sample_kind == KINDS.index("qa")
-        formats[is_qa, 1 - int(qa_per_image)] = -1
+        formats[is_qa, column("qa") if qa_per_image else column("qa_per_image")] = -1
         lens = np.where(formats >= 0, self.doc_len[np.maximum(formats, 0)], 0)
         return lens.max(axis=1)
 
@@ -307,28 +315,24 @@ def _parse_shards(shards: Sequence[str], bundle: TokenizerBundle) -> TokenDocume
         pos = int(bad_text.argmax())
         raise samples.fail(text_sample(pos), f"text id {int(text[pos])} is {controls[int(text[pos])]}, which only the "
                            "document formats place; a text segment may not contain <bos>, <eos> or <pad>")
-    images = _image_table(torch.from_numpy(codes).view(-1, h, w), vocab, bundle.use_eol).numpy()  # (N_img, n_img_tok)
+    # (N_img, n_img_tok): <boi> codes [<eol> per row] <eoi>
+    images = vocab.image_to_ids(torch.from_numpy(codes).view(-1, h, w), eol=bundle.use_eol).int().numpy()
     return _format_documents(samples, images, text.astype(np.int32), text_start, vocab)
-
-
-def _image_table(codes: torch.Tensor, vocab: Vocab, use_eol: bool) -> torch.Tensor:
-    """Codes ``(N, h, w)`` -> ids ``(N, [h*w | h*(w+1)] + 2)``: ``<boi> codes [<eol> per row] <eoi>``."""
-    return vocab.image_to_ids(codes, eol=use_eol).int()
 
 
 def _format_documents(samples: _Samples, images: np.ndarray, text: np.ndarray, text_start: np.ndarray,
                       vocab: Vocab) -> TokenDocuments:
-    """Build every format of every sample (see the module docstring for the layouts and loss masks)."""
-    bos, eos, sep = (np.array([t], np.int32) for t in (vocab.bos, vocab.eos, vocab.sep))
+    """Build every format of every sample (``task_formats.SAMPLE_FORMATS`` of its kind)."""
+    controls = {name: np.array(ids, np.int32) for name, ids in control_ids(vocab).items()}
     pieces: list[np.ndarray] = []
     flags: list[bool] = []
     doc_len: list[int] = []
-    formats = np.full((len(samples.keys), 3), -1, np.int64)
+    formats = np.full((len(samples.keys), max(map(len, SAMPLE_FORMATS.values()))), -1, np.int64)
     group_sizes: dict[int, int] = {}  # document -> samples it holds, where more than one
 
-    def doc(*parts: tuple[np.ndarray, bool]) -> int:
+    def doc(fmt: str, fields: dict, items: list[dict] | None = None) -> int:
         n = 0
-        for arr, in_loss in parts:
+        for arr, in_loss in document_pieces(FORMATS[fmt], fields, controls, items):
             pieces.append(arr)
             flags.append(in_loss)
             n += len(arr)
@@ -341,22 +345,20 @@ def _format_documents(samples: _Samples, images: np.ndarray, text: np.ndarray, t
     qa_groups = _qa_groups(samples, images)
     for i, (kind, layout) in enumerate(zip(samples.kinds, samples.layouts)):
         parts = {name: seg(name, j) for name, j in layout}
+        kind = KINDS[kind]
+        if kind == "pair":
+            fields = {"image": parts["image"], "caption": parts["text"]}
+        elif kind == "qa":
+            fields = parts
+        else:
+            fields = {"segments": [seg(name, j) for name, j in layout]}
         if i in qa_groups:  # the first question about this image: every question about it in one document
             questions = [{name: seg(name, j) for name, j in samples.layouts[q]} for q in qa_groups[i]]
-            chained = [p for qa in questions for p in ((qa["question"], False), (sep, False), (qa["answer"], True),
-                                                       (eos, True))]
-            formats[i, 1] = doc((bos, False), (parts["image"], False), *chained)
-            group_sizes[formats[i, 1]] = len(questions)
-        if KINDS[kind] == "pair":
-            image, caption = parts["image"], parts["text"]
-            formats[i, 0] = doc((bos, False), (image, False), (caption, True), (eos, True))
-            formats[i, 1] = doc((bos, False), (caption, False), (image[:1], False), (image[1:], True), (eos, False))
-            formats[i, 2] = doc((bos, False), (image[:1], False), (image[1:], True), (eos, False))
-        elif KINDS[kind] == "qa":
-            formats[i, 0] = doc((bos, False), (parts["image"], False), (parts["question"], False), (sep, False),
-                                (parts["answer"], True), (eos, True))
-        else:
-            formats[i, 0] = doc((bos, False), *[(seg(name, j), True) for name, j in layout], (eos, True))
+            d = formats[i, column("qa_per_image")] = doc("qa_per_image", fields, questions)
+            group_sizes[d] = len(questions)
+        for name in SAMPLE_FORMATS[kind]:
+            if name != "qa_per_image":
+                formats[i, column(name)] = doc(name, fields)
     lens = np.fromiter((len(p) for p in pieces), np.int64, len(pieces))
     doc_len_arr = np.asarray(doc_len, np.int64)
     doc_samples = np.ones(len(doc_len), np.int64)

@@ -47,6 +47,7 @@ def evaluate_image_tokenizer(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if world is not None:
         from chameleon_lite.world.scene_parser import parse_scene
+
     hist = torch.zeros(model.codebook_size, dtype=torch.long)
     n = 0
     psnr_sum = ssim_sum = 0.0

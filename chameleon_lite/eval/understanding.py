@@ -335,6 +335,7 @@ def evaluate_qa_shards(
 def reference_answers_from_shards(urls: Any, limit: int | None = None) -> dict[str, list[str]]:
     """``{category: [answer, ...]}`` of QA shards (e.g. the training split), for ``majority_chance``."""
     from chameleon_lite.data.readers import qa_dataset
+
     pairs = []
     for i, sample in enumerate(qa_dataset(urls)):
         if limit is not None and i >= limit:

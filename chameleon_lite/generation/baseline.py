@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from chameleon_lite.data.task_formats import generation_prompt
 from chameleon_lite.generation.native import (
     DEFAULT_MAX_NEW_TEXT_TOKENS,
     _normalise_prompts,
@@ -31,16 +32,12 @@ Segment = str | Image.Image
 
 
 def build_baseline_prompt(segments: Sequence[Segment], model: Any, where: str = "prompt") -> tuple[list[int], list]:
-    """Segments -> (ids with one placeholder per image, the images in order)."""
-    vocab, text = model.bundle.vocab, model.bundle.text
+    """Segments -> (ids with one placeholder per image, the images in order): the native text mode's prompt
+    (``data.task_formats.generation_prompt``) with the placeholder for each image's ids."""
+    vocab = model.bundle.vocab
     segments = check_segments(segments, where)
     images = [s for s in segments if isinstance(s, Image.Image)]
-    texts = [s.strip() for s in segments if isinstance(s, str)]
-    if len(images) == 1 and texts:  # QA: image first, question, <sep>
-        return [vocab.bos, vocab.image_placeholder, *text.encode(" ".join(texts)), vocab.sep], images
-    ids = [vocab.bos]
-    for seg in segments:
-        ids.extend([vocab.image_placeholder] if isinstance(seg, Image.Image) else text.encode(seg.strip()))
+    ids = generation_prompt("text", segments, vocab, model.bundle.text.encode, lambda _: [vocab.image_placeholder])
     return ids, images
 
 

@@ -21,7 +21,7 @@ Three layers, each usable alone:
    batched classifier-free guidance, seeded sampling.
 
 3. **High-level API** (:func:`generate`, :func:`stream`; ``ChameleonLite.generate`` / ``.stream`` delegate here):
-   prompts made of strings and PIL images, built into the training formats of ``data/token_documents.py``, and
+   prompts made of strings and PIL images, built into the training formats of ``data/task_formats.py``, and
    outputs decoded back to strings and PIL images.
 
 Prompt formats (decisions where the training formats leave a choice):
@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from chameleon_lite.data.task_formats import generation_prompt
 from chameleon_lite.generation.engine import DEFAULT_MAX_NEW_TEXT_TOKENS, generate_ids, iter_generate_ids
 from chameleon_lite.generation.image_code_cache import ImageCodeCache
 from chameleon_lite.generation.sampling import (
@@ -65,15 +66,8 @@ from chameleon_lite.generation.sampling import (
     check_generation_args,
 )
 from chameleon_lite.tokenization.image_preprocessing import check_image
-from chameleon_lite.tokenization.vocab import Vocab
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------- images <-> codes
-def _image_ids(codes: torch.Tensor, vocab: Vocab, use_eol: bool) -> list[int]:
-    """Codes ``(h, w)`` -> ``<boi> codes [<eol> per row] <eoi>`` as a list (``Vocab.image_to_ids``)."""
-    return vocab.image_to_ids(codes, eol=use_eol).tolist()
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -122,7 +116,8 @@ def build_prompt_ids(
     segments: Sequence[Segment], mode: str, bundle: Any, code_cache: ImageCodeCache | None = None, *,
     where: str = "prompt",
 ) -> list[int]:
-    """Segments of one prompt -> prompt ids in the training format of ``mode`` (see the module docstring)."""
+    """Segments of one prompt -> prompt ids in the training format of ``mode`` (see the module docstring and
+    ``data.task_formats.generation_prompt``, which the baseline's prompts share)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
     vocab = bundle.vocab
@@ -133,21 +128,10 @@ def build_prompt_ids(
     cache = code_cache if code_cache is not None else ImageCodeCache()
     codes = iter(cache.codes(images, bundle.image_tokenizer)) if images else iter(())
 
-    def encode(seg: Segment) -> list[int]:
-        if isinstance(seg, str):
-            return bundle.text.encode(seg.strip())
-        return _image_ids(next(codes), vocab, bundle.use_eol)
+    def image_ids(image: Image.Image) -> list[int]:  # <boi> codes [<eol> per row] <eoi>
+        return vocab.image_to_ids(next(codes), eol=bundle.use_eol).tolist()
 
-    texts = [s for s in segments if isinstance(s, str)]
-    if mode == "text" and len(images) == 1 and texts:  # QA: image first, question, <sep>
-        image_ids = encode(images[0])
-        return [vocab.bos, *image_ids, *bundle.text.encode(" ".join(t.strip() for t in texts)), vocab.sep]
-    ids = [vocab.bos]
-    for seg in segments:
-        ids.extend(encode(seg))
-    if mode == "image":
-        ids.append(vocab.boi)
-    return ids
+    return generation_prompt(mode, segments, vocab, bundle.text.encode, image_ids)
 
 
 # ---------------------------------------------------------------------------------------------- outputs

@@ -98,6 +98,12 @@ class DecoderConfig:
     init_std: float = 0.02
     gradient_checkpointing: bool = False
 
+    @classmethod
+    def from_name(cls, name: str, **overrides: object) -> DecoderConfig:
+        """The decoder preset ``name`` (``chameleon_lite.model.presets``) with ``overrides`` (litgpt's idea)."""
+        from chameleon_lite.model.presets import preset
+        return cls(**{**preset(name), **overrides})
+
     def __post_init__(self) -> None:
         for name in ("vocab_size", "pad_vocab_to_multiple_of", "d_model", "n_layers", "n_heads", "mlp_multiple_of",
                      "max_seq_len"):

@@ -377,6 +377,7 @@ class ChameleonLite(nn.Module):
         cache = self.__dict__.get("_image_code_cache")
         if cache is None:
             from chameleon_lite.generation.native import ImageCodeCache
+
             cache = self.__dict__["_image_code_cache"] = ImageCodeCache()
         return cache
 
@@ -384,18 +385,21 @@ class ChameleonLite(nn.Module):
         """Text and/or images for one prompt or a batch; see ``chameleon_lite.generation.native.generate`` for
         arguments."""
         from chameleon_lite.generation.native import generate
+
         return generate(self, prompts, **kwargs)
 
     def stream(self, prompts: Any, **kwargs: Any) -> Any:
         """Like ``generate`` but yields text pieces and images as they come
         (``chameleon_lite.generation.native.stream``)."""
         from chameleon_lite.generation.native import stream
+
         return stream(self, prompts, **kwargs)
 
     def token_steps(self, prompts: Any, *, max_new_tokens: int | None = None) -> Any:
         """The engine's steps of greedy text generation, one per decoded position
         (``chameleon_lite.generation.native.token_steps``)."""
         from chameleon_lite.generation.native import token_steps
+
         return token_steps(self, prompts, max_new_tokens=max_new_tokens)
 
 

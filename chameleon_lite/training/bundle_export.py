@@ -100,6 +100,7 @@ class ExportTokenizerBundle(L.Callback):
             world_config = None
             if self.world:
                 from chameleon_lite.world.shapes_world import load_world_spec
+
                 world_config = load_world_spec(self.world).world
             images = (s["image"] for s in islice(pair_dataset(self.eval_shards, require_text=False), self.eval_images))
             quality.update(evaluate_image_tokenizer(model, images, world=world_config, total=self.eval_images))

@@ -1,9 +1,11 @@
 """``chameleon-lite fit|validate|test --config recipe.yaml``: LightningCLI over any LightningModule / DataModule.
 
 Recipes name their classes (``model.class_path``, ``data.class_path``), so one entry point trains the VQ
-tokenizer, the native model and the baseline. ``parser_mode="omegaconf"`` lets a recipe interpolate values
-(``${data.init_args.image_size}``): recipes are the user's own files (files read from model directories and
-bundles are never interpolated, see ``safe_io``). ``--print_config`` prints a complete recipe to start from.
+tokenizer, the native model and the baseline. The parser mode (``RECIPE_PARSER_MODE``: jsonargparse's ``omegaconf``
+plus decoder presets) lets a recipe interpolate values (``${data.init_args.image_size}``) and name a decoder preset
+(``model: {preset: demo}``, :mod:`chameleon_lite.model.presets`): recipes are the user's own files (files read
+from model directories and bundles are never interpolated, see ``safe_io``). ``--print_config`` prints a complete
+recipe to start from.
 
 ``--ckpt_path`` must be a local file (or Lightning's ``last``/``best``...): Lightning downloads a path starting
 with ``http`` and unpickles it with ``weights_only=False``, so such a path is refused (``check_ckpt_path``).
@@ -65,6 +67,39 @@ def check_ckpt_path(ckpt_path: object) -> None:
         )
 
 
+RECIPE_PARSER_MODE = "chameleon_lite"
+"""jsonargparse's ``omegaconf`` mode plus decoder presets: a recipe is read as OmegaConf reads it (interpolations
+resolved), then ``model.presets.expand_presets`` turns a decoder block's ``preset: NAME`` into that preset's
+fields, updated by the keys beside it."""
+
+
+def recipe_parser_mode() -> str:
+    """Register (once) and return ``RECIPE_PARSER_MODE``."""
+    import io
+
+    import yaml
+    from jsonargparse import get_loader, set_loader
+    from omegaconf import OmegaConf
+
+    from chameleon_lite.model.presets import expand_presets
+    try:
+        get_loader(RECIPE_PARSER_MODE)
+        return RECIPE_PARSER_MODE
+    except KeyError:
+        pass
+    yaml_load = get_loader("yaml")
+
+    def load(text: str):  # jsonargparse's omegaconf loader, then the presets
+        plain = yaml_load(text)
+        if isinstance(plain, (str, int, float, bool)) or plain is None:
+            return plain
+        resolved = OmegaConf.to_object(OmegaConf.load(io.StringIO(text)))
+        return expand_presets(plain if resolved == {text: None} else resolved)
+
+    set_loader(RECIPE_PARSER_MODE, load, (yaml.YAMLError, ValueError))
+    return RECIPE_PARSER_MODE
+
+
 def _cli_class():
     """``LightningCLI`` that checks ``ckpt_path`` right after parsing, before Lightning reads the checkpoint."""
     from lightning.pytorch.cli import LightningCLI
@@ -86,6 +121,7 @@ def resolve_config_args(args: Sequence[str]) -> list[str]:
     (``native/tiny``) or as recipes name each other (``configs/native/demo.yaml``).
     """
     from chameleon_lite.shipped import resolve_path
+
     out, args = [], list(args)
     for i, arg in enumerate(args):
         if i and args[i - 1] in ("--config", "-c"):
@@ -114,7 +150,7 @@ def run_lightning_cli(args: Sequence[str], run: bool = True, callbacks: Sequence
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": recipe_parser_mode()},
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": list(callbacks)} if callbacks else None,
         args=None if args == sys.argv[1:] else args,  # from the console script: let LightningCLI read sys.argv
@@ -140,7 +176,7 @@ def parse_recipe(path: str, overrides: Sequence[str] = ()):
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": recipe_parser_mode()},
         args=resolve_config_args(["--config", str(path), *overrides]),
         run=False,
     )

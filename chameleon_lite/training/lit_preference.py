@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from chameleon_lite.data.task_formats import image_response
 from chameleon_lite.model.decoder import IGNORE_INDEX
 from chameleon_lite.safe_io import check_writable_dir
 from chameleon_lite.training.optimizers import clip_fused_directly, use_fused_adamw
@@ -72,6 +73,15 @@ def _prompt(pair: PreferencePair) -> list:
     return [pair.image, pair.prompt] if pair.prompt.strip() else [pair.image]
 
 
+def _response_ids(pair: PreferencePair, side: str, bundle: Any) -> list[int]:
+    """``pair.<side>`` as the training formats end a response: an answer (or, without a question, a caption) then
+    ``<eos>`` (``task_formats.image_response``)."""
+    ids = bundle.text.encode(getattr(pair, side).strip())
+    if pair.prompt.strip():
+        return image_response("qa", {"question": [], "answer": ids}, bundle.vocab)[1]
+    return image_response("caption", {"caption": ids}, bundle.vocab)[1]
+
+
 def response_rows(model: Any, pairs: Sequence[PreferencePair], side: str) -> dict[str, Tensor]:
     """The tensors that score ``pair.<side>`` (``"chosen"`` or ``"rejected"``) after each pair's prompt.
 
@@ -89,14 +99,16 @@ def response_rows(model: Any, pairs: Sequence[PreferencePair], side: str) -> dic
     for pair in pairs:
         if baseline:
             from chameleon_lite.generation.baseline import build_baseline_prompt
+
             ids, imgs = build_baseline_prompt(_prompt(pair), model)
             images += imgs
         else:
             from chameleon_lite.generation.native import build_prompt_ids
+
             with torch.no_grad(), torch.autocast(device.type, enabled=False):  # the codes generate() would see
                 ids = build_prompt_ids(_prompt(pair), "text", bundle, model.image_code_cache)
         prompts.append(ids)
-    responses = [[*bundle.text.encode(getattr(p, side).strip()), vocab.eos] for p in pairs]
+    responses = [_response_ids(p, side, bundle) for p in pairs]
     T = max(len(a) + len(b) for a, b in zip(prompts, responses))
     input_ids = torch.full((len(pairs), T), vocab.pad, dtype=torch.long)  # (B, T)
     in_response = torch.zeros(len(pairs), T, dtype=torch.bool)  # (B, T)
@@ -131,12 +143,15 @@ def response_lengths(rows: dict[str, Tensor]) -> Tensor:
 def load_policy(init_from: str | Path) -> nn.Module:
     """A trained model directory of either arm (``config.yaml``'s ``kind``), on CPU, in train mode."""
     from chameleon_lite.model.model_dir import model_dir_kind
+
     kind = model_dir_kind(init_from)
     if kind == "baseline":
         from chameleon_lite.baseline.vlm import BaselineVLM
+
         return BaselineVLM.from_pretrained(init_from).train()
     if kind == "native":
         from chameleon_lite.native.chameleon import ChameleonLite
+
         return ChameleonLite.from_pretrained(init_from).train()
     raise ValueError(f"{init_from} is not a model directory of either arm (config.yaml kind={kind!r})")
 

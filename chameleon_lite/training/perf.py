@@ -347,12 +347,14 @@ def read_metric_csv(path: str | Path, metric: str = "train/loss") -> tuple[list[
 # ---------------------------------------------------------------------------------------------- recipes
 def recipe_decoder_config(path: str | Path, vocab_size: int) -> tuple[DecoderConfig, int, int]:
     """``(DecoderConfig, batch_size, seq_len)`` of a native ``fit`` recipe (``configs/native/*.yaml``), with
-    its ``${...}`` interpolations resolved and ``vocab_size`` filled in."""
+    its ``${...}`` interpolations resolved, a decoder preset expanded (``chameleon_lite.model.presets``) and
+    ``vocab_size`` filled in."""
     from omegaconf import OmegaConf
 
+    from chameleon_lite.model.presets import expand_presets
     recipe = OmegaConf.load(path)
     try:
-        model = OmegaConf.to_container(recipe.model.init_args.model, resolve=True)
+        model = expand_presets(OmegaConf.to_container(recipe.model.init_args.model, resolve=True))
         data = OmegaConf.to_container(recipe.data.init_args, resolve=True)
     except Exception as error:  # omegaconf raises its own key errors
         raise ValueError(f"{path} is not a native recipe (model.init_args.model / data.init_args): {error}") from error
