@@ -23,7 +23,12 @@ from chameleon_lite.comparison.run import precision_overrides
 from chameleon_lite.comparison.training import train_preference
 from chameleon_lite.eval.understanding import reference_answers_from_shards
 from chameleon_lite.training.lit_preference import load_policy
-from chameleon_lite.world.preference_pairs import PAIRS_PREFIX, build_preference_pairs, write_preference_shards
+from chameleon_lite.world.preference_pairs import (
+    PAIR_KINDS,
+    PAIRS_PREFIX,
+    build_preference_pairs,
+    write_preference_shards,
+)
 
 CATEGORIES = ("count", "color", "shape", "binding", "spatial", "negation", "existence")
 
@@ -45,6 +50,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--questions", type=int, default=400, help="validation questions scored")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", default=",".join(PAIR_KINDS), help="pair kinds to build, comma-separated")
     parser.add_argument("--run", action="append", default=[], help="NAME:ARGS (fit overrides for both arms)")
     args = parser.parse_args()
     raw, out = Path(args.raw), Path(args.out)
@@ -55,12 +61,12 @@ def main() -> None:
         if not model_dir:
             continue
         model = load_policy(model_dir).eval()
-        rows.append({"arm": arm, "run": "before", **score(model, raw, args.questions, references)})
+        rows.append({"arm": arm, "run": "before", "kinds": args.kinds, **score(model, raw, args.questions, references)})
         print(json.dumps(rows[-1]), flush=True)
         pairs_dir = out / arm / "pairs"
         started = time.perf_counter()
         pairs, summary = build_preference_pairs(
-            raw, pairs=args.pairs + 64, seed=args.seed,
+            raw, pairs=args.pairs + 64, seed=args.seed, kinds=args.kinds.split(","),
             answer_fn=lambda images, questions: answer_questions(model, images, questions))
         write_preference_shards(pairs, pairs_dir, overwrite=True)
         print(f"{arm}: {summary} in {time.perf_counter() - started:.0f} s")
@@ -70,7 +76,7 @@ def main() -> None:
                                        pairs_glob=str(pairs_dir / f"{PAIRS_PREFIX}-*.tar"), pairs=args.pairs,
                                        seed=args.seed, extra=[*precision, *shlex.split(extra)], progress=False)
             tuned = load_policy(trained["model_dir"]).eval()
-            rows.append({"arm": arm, "run": name, "seconds": round(trained["seconds"], 1),
+            rows.append({"arm": arm, "run": name, "kinds": args.kinds, "seconds": round(trained["seconds"], 1),
                          "val_reward_accuracy": trained["validation"].get("val/reward_accuracy"),
                          **score(tuned, raw, args.questions, references)})
             print(json.dumps(rows[-1]), flush=True)

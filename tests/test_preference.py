@@ -113,6 +113,19 @@ def test_pairs_come_from_training_scenes_only_and_are_true_against_false(world):
     assert [(p.prompt, p.chosen, p.rejected) for p in again] == [(p.prompt, p.chosen, p.rejected) for p in pairs]
 
 
+def test_kinds_restrict_the_pairs_and_fill_the_budget(world):
+    only, summary = build_preference_pairs(world, pairs=30, seed=0, kinds=["yes_no"])
+    assert len(only) == 30 and {p.kind for p in only} == {"yes_no"} and summary["by_kind"]["caption"] == 0
+    mixed, _ = build_preference_pairs(world, pairs=30, seed=0)
+    assert {p.kind for p in mixed} == {"yes_no", "answer", "caption"}
+    no_yes_no, _ = build_preference_pairs(world, pairs=30, seed=0, kinds=("answer", "caption"))
+    assert {p.kind for p in no_yes_no} == {"answer", "caption"}
+    with pytest.raises(ValueError, match="kinds"):
+        build_preference_pairs(world, pairs=5, kinds=["yes_no", "typo"])
+    with pytest.raises(ValueError, match="kinds"):
+        build_preference_pairs(world, pairs=5, kinds=[])
+
+
 def test_a_test_scene_among_the_training_shards_is_refused(world, tmp_path):
     import shutil
 

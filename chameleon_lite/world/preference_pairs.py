@@ -120,15 +120,20 @@ def _scene_of(meta: dict[str, Any], where: str) -> Scene:
 
 
 def build_preference_pairs(raw: str | os.PathLike, *, pairs: int, seed: int = 0, answer_fn: AnswerFn | None = None,
-                           batch_size: int = 32) -> tuple[list[PreferencePair], dict[str, Any]]:
+                           batch_size: int = 32, kinds: Sequence[str] = PAIR_KINDS,
+                           ) -> tuple[list[PreferencePair], dict[str, Any]]:
     """Up to ``pairs`` preference pairs from ``raw/train`` (a shapes world directory with ``world.yaml``).
 
     ``answer_fn(images, questions) -> answers``: the arm's greedy answers, used for the rejected side of
-    ``answer`` pairs where they are wrong (see the module docstring). Returns the pairs and a summary (counts by
+    ``answer`` pairs where they are wrong (see the module docstring). ``kinds``: which of ``PAIR_KINDS`` to make
+    (all by default; the budget is then filled with those kinds only). Returns the pairs and a summary (counts by
     kind and source, scenes used).
     """
     if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
         raise ValueError(f"pairs must be a positive int, got {pairs!r}")
+    kinds = tuple(kinds)
+    if not kinds or any(k not in PAIR_KINDS for k in kinds):
+        raise ValueError(f"kinds must be a non-empty subset of {PAIR_KINDS}, got {kinds!r}")
     raw = Path(raw)
     world = load_world_spec(raw).world
     rng = random.Random(seed)
@@ -152,7 +157,7 @@ def build_preference_pairs(raw: str | os.PathLike, *, pairs: int, seed: int = 0,
             break
         entry = scenes[key]
         cap = entry.get("caption")
-        if cap is not None:
+        if cap is not None and "caption" in kinds:
             scene = _scene_of(cap["meta"], f"pair {cap['key']}")
             changed = perturb_scene(scene, rng, world.shapes, world.colors)
             if changed is not None:
@@ -167,11 +172,13 @@ def build_preference_pairs(raw: str | os.PathLike, *, pairs: int, seed: int = 0,
                 break
             truth = normalize_answer(q["answer"])
             if truth in YES_NO:
+                if "yes_no" not in kinds:
+                    continue
                 made.append(PreferencePair(q["image"], q["question"], truth, YES_NO[1 - YES_NO.index(truth)],
                                            "yes_no", q["category"], "flipped", key))
                 continue
             others = sorted(answers.get(q["category"], set()) - {truth})
-            if not others:
+            if not others or "answer" not in kinds:
                 continue  # a category with one answer in the whole split has nothing to prefer against
             pending.append((len(made), q))
             made.append(PreferencePair(q["image"], q["question"], truth, rng.choice(others), "answer",
