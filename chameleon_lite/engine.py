@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from chameleon_lite.fast_decode import FastDecodeStep, IntraOpThreads, decode_threads
+from chameleon_lite.fast_decode import DecodeStep, IntraOpThreads, decode_threads
 from chameleon_lite.model import Decoder
 from chameleon_lite.sampling import (
     MODES,
@@ -46,7 +46,7 @@ from chameleon_lite.sampling import (
     apply_processors,
     check_generation_args,
 )
-from chameleon_lite.static_decode import CUDAGraphDecodeStep, StaticDecodeStep
+from chameleon_lite.static_decode import CUDAGraphDecodeStep
 from chameleon_lite.vocab import Vocab
 
 DEFAULT_MAX_NEW_TEXT_TOKENS = 64
@@ -142,8 +142,8 @@ def iter_generate_ids(
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
     if decode_step not in DECODE_STEPS:
         raise ValueError(f"decode_step={decode_step!r} must be one of {DECODE_STEPS}")
-    if decode_step in ("static", "cuda_graph") and not FastDecodeStep.supports(decoder):
-        raise ValueError(f"decode_step={decode_step!r} needs a chameleon_lite Decoder in eval mode (or dropout 0)")
+    if decode_step == "cuda_graph" and decoder.training and decoder.config.dropout > 0:
+        raise ValueError("decode_step='cuda_graph' needs the decoder in eval mode (or with dropout=0)")
     if decode_step == "cuda_graph" and decoder.embed_tokens.weight.device.type != "cuda":
         raise ValueError(f"decode_step='cuda_graph' needs the decoder on a CUDA device, it is on "
                          f"{decoder.embed_tokens.weight.device}")
@@ -262,7 +262,8 @@ def _decode_steps(decoder, vocab, constraint, prompts, all_prompts, max_new_toke
     V = vocab.size
     batch = _left_pad(all_prompts, vocab.pad, device)
     longest = batch.ids.shape[1]
-    cache = decoder.new_cache(R, longest + max_new_tokens, device=device)
+    # the cache carries inference copies of the block weights for this call (see Decoder.new_cache)
+    cache = decoder.new_cache(R, longest + max_new_tokens, device=device, prepare_weights=True)
     generator = torch.Generator(device=device).manual_seed(seed)
     constraint.reset(prompts, device)
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
@@ -285,7 +286,7 @@ def _decode_steps(decoder, vocab, constraint, prompts, all_prompts, max_new_toke
     columns = text_columns if text_only else image_columns if mode == "image" else None
 
     logits = _prefill(decoder, batch, cache, prompt_embeds)[:, :V].float()  # (R, V)
-    step_fn = _make_step(decoder, cache, V, columns, max_new_tokens, decode_step)
+    step_fn = _make_step(decoder, cache, V, decode_step)
     next_positions = batch.lengths.clone()  # (R,)
     active = torch.ones(B, dtype=torch.bool, device=device)
     all_active = True
@@ -331,28 +332,19 @@ def _decode_steps(decoder, vocab, constraint, prompts, all_prompts, max_new_toke
         if step == max_new_tokens - 1:
             return
         feed = torch.cat((tokens, tokens)) if use_cfg else tokens  # (R,)
-        if step_fn is not None:
-            # only the fast step reads columns; in image mode the active rows are always inside their image
-            if mode == "interleaved" and isinstance(step_fn, FastDecodeStep):
-                states = {i for i, a in zip(constraint.in_image.tolist(), active.tolist()) if a}
-                columns = None if len(states) > 1 else image_columns if True in states else text_columns
-            logits = step_fn(feed, next_positions, columns)  # (R, V)
-        else:
-            logits = decoder(feed[:, None], position_ids=next_positions[:, None], cache=cache)[:, -1, :V].float()
+        if mode == "interleaved":  # the columns the active rows can use: text, image, or (mixed) all
+            states = {i for i, a in zip(constraint.in_image.tolist(), active.tolist()) if a}
+            columns = None if len(states) > 1 else image_columns if True in states else text_columns
+        logits = step_fn(feed, next_positions, columns)  # (R, V)
         next_positions += 1
 
 
-def _make_step(decoder, cache, V: int, columns, max_new_tokens: int, decode_step: str):
-    """The per-step callable ``(tokens (R,), positions (R,), columns) -> logits (R, V)``, or None (plain forward)."""
-    if decode_step in ("static", "cuda_graph"):
-        static = StaticDecodeStep(decoder, cache, vocab_size=V)
-        if decode_step == "cuda_graph":
-            return CUDAGraphDecodeStep(static)
-        return lambda tokens, positions, columns=None: static.step(tokens, positions)
-    if FastDecodeStep.supports(decoder):
-        head_columns = (columns or (0, V)) if max_new_tokens >= 64 else None  # see FastDecodeStep: pays off then
-        return FastDecodeStep(decoder, cache, vocab_size=V, head_columns=head_columns)
-    return None
+def _make_step(decoder, cache, V: int, decode_step: str):
+    """The per-step callable ``(tokens (R,), positions (R,), columns) -> logits (R, V)``: the decoder's own forward
+    on one token per row, eager (``"static"``: with the cache in static mode) or replayed as a CUDA graph."""
+    if decode_step == "cuda_graph":
+        return CUDAGraphDecodeStep(decoder, cache, vocab_size=V)
+    return DecodeStep(decoder, cache, vocab_size=V, static=decode_step == "static")
 
 
 def generate_ids(
