@@ -115,6 +115,7 @@ class KVCache:
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views (B, Hkv, max_len, hd)
         self.length = 0
         self.weights: list[dict[str, torch.Tensor]] | None = None  # per-layer weight copies (Decoder.new_cache)
+        self.head_weights: dict[tuple[int, int], torch.Tensor] = {}  # output-head copies per column range
         self.slot: torch.Tensor | None = None  # static mode: the next slot as a 0-d device tensor
         self._visible: torch.Tensor | None = None  # decode mask (B, 1, 1, max_len); None: see _visible_ready
         self._visible_ready = False

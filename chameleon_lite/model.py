@@ -139,29 +139,40 @@ class DecoderConfig:
 
 # ---------------------------------------------------------------------------------------------- building blocks
 class RMSNorm(nn.Module):
-    """``weight * x / sqrt(mean(x^2) + eps)``, statistics in fp32 (as Llama/Chameleon).
-
-    ``mean(x^2)`` is computed as ``|x|^2 / d`` from one ``vector_norm`` (three ops for the statistics instead of
-    ``pow`` + ``sum`` + ``div`` + ``add`` + ``rsqrt``: at decode sizes the per-op cost is the cost).
-    """
+    """``weight * x / sqrt(mean(x^2) + eps)``, statistics in fp32 (as Llama/Chameleon); see :func:`rms_norm`."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self._eps_tensor: torch.Tensor | None = None  # eps as a 0-d tensor (addcmul takes no Python scalar base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stats_dtype)  # (..., 1)
-        eps = self._eps_tensor
-        if eps is None or eps.device != x.device or eps.dtype != stats_dtype:
-            with torch.inference_mode(False):
-                eps = self._eps_tensor = torch.tensor(self.eps, device=x.device, dtype=stats_dtype)
-        inv_rms = torch.addcmul(eps, norm, norm, value=1.0 / x.shape[-1]).rsqrt()  # (..., 1)
-        if x.dtype == stats_dtype:
-            return x * inv_rms * self.weight
-        return self.weight * (x.to(stats_dtype) * inv_rms).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+_EPS_TENSORS: dict[tuple, torch.Tensor] = {}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm of ``x`` over its last axis, statistics in fp32 (fp64 for fp64 ``x``); ``weight=None`` leaves the
+    scale out (a caller that folded it into the next projection).
+
+    ``mean(x^2)`` is computed as ``|x|^2 / d`` from one ``vector_norm``: three ops for the statistics instead of
+    ``pow`` + ``sum`` + ``div`` + ``add`` + ``rsqrt`` (at decode sizes the per-op cost is the cost).
+    """
+    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stats_dtype)  # (..., 1)
+    key = (eps, norm.device, stats_dtype)
+    eps_tensor = _EPS_TENSORS.get(key)
+    if eps_tensor is None:  # addcmul takes no Python scalar as its base
+        with torch.inference_mode(False):
+            eps_tensor = _EPS_TENSORS[key] = torch.tensor(eps, device=norm.device, dtype=stats_dtype)
+    inv_rms = torch.addcmul(eps_tensor, norm, norm, value=1.0 / x.shape[-1]).rsqrt()  # (..., 1)
+    if x.dtype == stats_dtype:
+        y = x * inv_rms
+        return y if weight is None else y * weight
+    y = (x.to(stats_dtype) * inv_rms).to(x.dtype)
+    return y if weight is None else weight * y
 
 
 class PerHeadLayerNorm(nn.Module):
@@ -198,27 +209,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
-def project(x: torch.Tensor, weights: list[torch.Tensor] | None, prepared: torch.Tensor | None) -> torch.Tensor:
+def project(x: torch.Tensor, weights: list[torch.Tensor], prepared: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, cat(weights))``: one product for several projections of the same input (q|k|v, gate|up).
 
-    ``prepared`` is that concatenation ready-made (:func:`prepare_weights`, carried by a KV cache made with
-    ``Decoder.new_cache(prepare_weights=True)``, read only while grad is off): on a CPU transposed and contiguous,
-    ``x @ W^T`` being MKL's fastest orientation for the few rows of a decode step (about half the time of
+    ``prepared`` is ``cat(weights)`` ready-made (:func:`prepare_weights`, carried by a KV cache made with
+    ``Decoder.new_cache(prepare_weights=True)``, read only while grad is off), transposed and contiguous:
+    ``x @ W^T`` is MKL's fastest orientation for the few rows of a decode step (about half the time of
     ``F.linear`` there). Without it the weights are concatenated on every call, so gradients reach the parameters.
     """
     if prepared is None:
         return F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights))
-    if prepared.device.type == "cpu":
-        return torch.matmul(x, prepared)  # prepared: (d_in, d_out)
-    return F.linear(x, prepared)
+    return torch.matmul(x, prepared)  # prepared: (d_in, d_out)
 
 
-def prepare_weights(weights: list[torch.Tensor]) -> torch.Tensor:
+def prepare_weights(weights: list[torch.Tensor], input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The ready-made concatenation :func:`project` reads (a plain tensor, usable inside and outside inference
-    mode)."""
+    mode). ``input_scale`` ``(d_in,)`` multiplies its input columns: a pre-norm block folds its RMSNorm weight
+    into the next projection, ``(w * x) @ W^T == x @ (W * w)^T``, one op less per norm."""
     with torch.inference_mode(False), torch.no_grad():
         weight = torch.cat(weights) if len(weights) > 1 else weights[0].clone()
-        return weight.t().contiguous() if weight.device.type == "cpu" else weight
+        if input_scale is not None:
+            weight = weight * input_scale
+        return weight.t().contiguous()  # (d_in, d_out)
 
 
 class Attention(nn.Module):
@@ -242,14 +254,14 @@ class Attention(nn.Module):
         self.k_norm = PerHeadLayerNorm(self.n_kv_heads, hd) if config.qk_norm else nn.Identity()
         self.qk_norm, self.qk_eps = config.qk_norm, QK_NORM_EPS
 
-    def prepare_weights(self) -> dict[str, torch.Tensor]:
-        """Copies of the concatenated weights for inference (see :func:`project`)."""
-        prepared = {"qkv": prepare_weights([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
-                    "o": prepare_weights([self.o_proj.weight])}
+    def prepare_weights(self, input_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Copies of the concatenated weights for inference (see :func:`prepare_weights`)."""
+        qkv = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+        prepared = {"qkv": prepare_weights(qkv, input_scale), "o": prepare_weights([self.o_proj.weight])}
         if self.qk_norm:
             with torch.inference_mode(False), torch.no_grad():
-                prepared["qk_weight"] = torch.cat([self.q_norm.weight, self.k_norm.weight])  # (H + Hkv, hd)
-                prepared["qk_bias"] = torch.cat([self.q_norm.bias, self.k_norm.bias])
+                prepared["qk_weight"] = torch.cat([self.q_norm.weight, self.k_norm.weight])[:, None]  # (H + Hkv, 1, hd)
+                prepared["qk_bias"] = torch.cat([self.q_norm.bias, self.k_norm.bias])[:, None]
         return prepared
 
     def forward(
@@ -260,29 +272,26 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         prepared: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """Self-attention of ``x`` ``(B, T, d)``; ``prepared``: see :func:`project`."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        if prepared is None:
-            qkv = project(x, [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], None)
-        else:
-            qkv = project(x, None, prepared["qkv"])
-        qkv = qkv.view(B, T, H + 2 * Hkv, hd)  # (B, T, H + 2Hkv, hd)
-        qk, v = qkv.split((H + Hkv, Hkv), dim=2)  # (B, T, H + Hkv, hd), (B, T, Hkv, hd)
+        qkv = project(x, [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], prepared and prepared["qkv"])
+        qkv = qkv.view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2Hkv, T, hd)
+        qk, v = qkv.narrow(1, 0, H + Hkv), qkv.narrow(1, H + Hkv, Hkv)  # (B, H + Hkv, T, hd), (B, Hkv, T, hd)
         if self.qk_norm:
             if prepared is None:
-                norm_weight = torch.cat([self.q_norm.weight, self.k_norm.weight])  # (H + Hkv, hd)
-                norm_bias = torch.cat([self.q_norm.bias, self.k_norm.bias])
+                norm_weight = torch.cat([self.q_norm.weight, self.k_norm.weight])[:, None]  # (H + Hkv, 1, hd)
+                norm_bias = torch.cat([self.q_norm.bias, self.k_norm.bias])[:, None]
             else:
                 norm_weight, norm_bias = prepared["qk_weight"], prepared["qk_bias"]
-            qk = torch.addcmul(norm_bias, F.layer_norm(qk, (hd,), eps=self.qk_eps), norm_weight)
-        qk = apply_rotary(qk, *rope)  # rope: (B, T, 1, hd) each
-        q, k = qk.split((H, Hkv), dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+            qk = torch.addcmul(norm_bias, torch.layer_norm(qk, (hd,), None, None, self.qk_eps), norm_weight)
+        qk = apply_rotary(qk, *rope)  # rope: (B, 1, T, hd) each
+        q, k = qk.narrow(1, 0, H), qk.narrow(1, H, Hkv)  # (B, H, T, hd), (B, Hkv, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, T_k, hd)
         y = attend(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H hd)
-        return project(y, [self.o_proj.weight], None if prepared is None else prepared["o"])  # (B, T, d)
+        return project(y, [self.o_proj.weight], prepared and prepared["o"])  # (B, T, d)
 
 
 class SwiGLU(nn.Module):
@@ -294,18 +303,16 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
-    def prepare_weights(self) -> dict[str, torch.Tensor]:
-        """Copies of the concatenated weights for inference (see :func:`project`)."""
-        return {"gate_up": prepare_weights([self.gate_proj.weight, self.up_proj.weight]),
+    def prepare_weights(self, input_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Copies of the concatenated weights for inference (see :func:`prepare_weights`)."""
+        return {"gate_up": prepare_weights([self.gate_proj.weight, self.up_proj.weight], input_scale),
                 "down": prepare_weights([self.down_proj.weight])}
 
     def forward(self, x: torch.Tensor, prepared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        if prepared is None:
-            gate_up = project(x, [self.gate_proj.weight, self.up_proj.weight], None)
-        else:
-            gate_up = project(x, None, prepared["gate_up"])
+        """``(B, T, d) -> (B, T, d)``; ``prepared``: see :func:`project`."""
+        gate_up = project(x, [self.gate_proj.weight, self.up_proj.weight], prepared and prepared["gate_up"])
         gate, up = gate_up.chunk(2, dim=-1)  # (B, T, hidden) each
-        return project(F.silu(gate) * up, [self.down_proj.weight], None if prepared is None else prepared["down"])
+        return project(F.silu(gate) * up, [self.down_proj.weight], prepared and prepared["down"])
 
 
 class Block(nn.Module):
@@ -319,23 +326,28 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.layer_idx = layer_idx
+        self.layer_idx, self.eps, self.dropout = layer_idx, config.norm_eps, config.dropout
 
     def prepare_weights(self) -> dict[str, torch.Tensor]:
-        """This block's inference weight copies (see :func:`project`)."""
-        return {**self.attn.prepare_weights(), **self.mlp.prepare_weights()}
+        """This block's inference weight copies (see :func:`prepare_weights`); pre-norm folds the norm weights
+        into the projections that follow them."""
+        attn_scale = None if self.swin_norm else self.attn_norm.weight
+        mlp_scale = None if self.swin_norm else self.mlp_norm.weight
+        return {**self.attn.prepare_weights(attn_scale), **self.mlp.prepare_weights(mlp_scale)}
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                 cache: KVCache | None = None) -> torch.Tensor:
-        drop = self.resid_dropout if self.training and self.resid_dropout.p > 0 else _identity
+        drop = self.resid_dropout if self.training and self.dropout > 0 else _identity
         prepared = None  # the cache's weight copies, for inference only
         if cache is not None and cache.weights is not None and not torch.is_grad_enabled():
             prepared = cache.weights[self.layer_idx]
         if self.swin_norm:
-            h = x + drop(self.attn_norm(self.attn(x, rope, mask, cache, prepared)))
-            return h + drop(self.mlp_norm(self.mlp(h, prepared)))
-        h = x + drop(self.attn(self.attn_norm(x), rope, mask, cache, prepared))
-        return h + drop(self.mlp(self.mlp_norm(h), prepared))
+            h = x + drop(rms_norm(self.attn(x, rope, mask, cache, prepared), self.attn_norm.weight, self.eps))
+            return h + drop(rms_norm(self.mlp(h, prepared), self.mlp_norm.weight, self.eps))
+        # pre-norm; with prepared weights the norm weights are folded into the projections
+        attn_norm, mlp_norm = (None, None) if prepared is not None else (self.attn_norm.weight, self.mlp_norm.weight)
+        h = x + drop(self.attn(rms_norm(x, attn_norm, self.eps), rope, mask, cache, prepared))
+        return h + drop(self.mlp(rms_norm(h, mlp_norm, self.eps), prepared))
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -359,7 +371,7 @@ class Decoder(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._backend: tuple[str, str] | None = None  # (device type, resolved backend)
-        self._rope_table: tuple[tuple, torch.Tensor] | None = None  # (key, (max_seq_len, 2, hd) cos | signed sin)
+        self._rope_table: tuple[tuple, torch.Tensor] | None = None  # (key, (max_seq_len, 2 hd) cos | signed sin)
 
     def reset_parameters(self) -> None:
         """normal(0, init_std) for every matrix; the residual output projections get std / sqrt(2 * n_layers)."""
@@ -417,8 +429,8 @@ class Decoder(nn.Module):
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE ``cos`` and signed ``sin`` (see :func:`apply_rotary`) of ``position_ids`` ``(B, T)``, each
-        ``(B, T, 1, hd)``, gathered from a table of every position below ``max_seq_len`` (built once per device
-        and dtype from ``self.rotary``, outside any inference mode so training can use it)."""
+        ``(B, 1, T, hd)`` (broadcast over heads), gathered from a table of every position below ``max_seq_len``
+        (built once per device and dtype from ``self.rotary``, outside any inference mode so training can use it)."""
         inv_freq = self.rotary.inv_freq
         key = (inv_freq.device, dtype, inv_freq.data_ptr(), inv_freq._version)
         if self._rope_table is None or self._rope_table[0] != key:
@@ -427,10 +439,9 @@ class Decoder(nn.Module):
                 cos, sin = self.rotary(positions, dtype)  # (1, P, hd) each
                 half = self.config.head_dim // 2
                 sin_signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # (P, hd)
-                self._rope_table = (key, torch.stack((cos[0], sin_signed), dim=1))  # (P, 2, hd)
-        cos_sin = F.embedding(position_ids, self._rope_table[1].flatten(1))  # (B, T, 2 hd)
-        cos, sin = cos_sin[..., None, :].chunk(2, dim=-1)  # (B, T, 1, hd) each
-        return cos, sin
+                self._rope_table = (key, torch.cat((cos[0], sin_signed), dim=1))  # (P, 2 hd)
+        cos_sin = self._rope_table[1].index_select(0, position_ids.reshape(-1))  # (B T, 2 hd)
+        return cos_sin.view(position_ids.shape[0], 1, position_ids.shape[1], -1).chunk(2, dim=-1)  # (B, 1, T, hd)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -490,7 +501,7 @@ class Decoder(nn.Module):
             if cache.batch_size != B:
                 raise ValueError(f"cache was made for batch size {cache.batch_size}, got {B}")
             mask = cache_attention_mask(backend, cache, q_len=T, device=x.device, document_ids=document_ids)
-        rope = self.rope(position_ids, x.dtype)  # (B, T, 1, hd) each
+        rope = self.rope(position_ids, x.dtype)  # (B, 1, T, hd) each
 
         use_checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.layers:
@@ -498,18 +509,32 @@ class Decoder(nn.Module):
                 x = checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache)
-        if cache is not None:
-            cache.advance(T)
-        return self.head(self.norm(x), columns)
+        if cache is None:
+            return self.logits(x, columns)
+        cache.advance(T)
+        return self.logits(x, columns, cache.head_weights if cache.weights is not None else None)
 
-    def head(self, h: torch.Tensor, columns: tuple[int, int] | None = None) -> torch.Tensor:
-        """Output logits of the final hidden states ``h`` ``(..., d)``; all padded columns, or ``[lo, hi)``."""
+    def logits(self, x: torch.Tensor, columns: tuple[int, int] | None = None,
+               prepared: dict[tuple[int, int], torch.Tensor] | None = None) -> torch.Tensor:
+        """Final norm and output head of the last hidden states ``x`` ``(..., d)``: all padded columns, or only
+        ``columns=(lo, hi)``.
+
+        ``prepared`` (a cache's ``head_weights``, read while grad is off): the head rows of each ``columns`` value
+        asked for are copied into it once, transposed and with the final norm's weight folded in (see
+        :func:`prepare_weights`), and read from there by later calls.
+        """
         V, padded = self.config.vocab_size, self.config.padded_vocab_size
         lo, hi = (0, padded) if columns is None else columns
         if not 0 <= lo < hi <= padded:
             raise ValueError(f"columns={columns} must satisfy 0 <= lo < hi <= {padded}")
-        weight = self.lm_head.weight if (lo, hi) == (0, padded) else self.lm_head.weight[lo:hi]
-        logits = F.linear(h, weight)  # (..., hi - lo)
+        if prepared is not None and not torch.is_grad_enabled():
+            weight = prepared.get((lo, hi))
+            if weight is None:
+                weight = prepared[(lo, hi)] = prepare_weights([self.lm_head.weight[lo:hi]], self.norm.weight)
+            logits = project(rms_norm(x, None, self.norm.eps), [], weight)  # (..., hi - lo)
+        else:
+            weight = self.lm_head.weight if (lo, hi) == (0, padded) else self.lm_head.weight[lo:hi]
+            logits = F.linear(self.norm(x), weight)  # (..., hi - lo)
         if hi > V:
             logits = mask_padded_logits(logits, V - lo)
         return logits
