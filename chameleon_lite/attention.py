@@ -138,7 +138,8 @@ class KVCache:
         """Enter static mode (see the class docstring); the cache must hold the prefilled prompt."""
         if self.length < 1:
             raise ValueError("a static KV cache needs a prefilled prompt (length >= 1)")
-        self.slot = torch.tensor(self.length, device=self.k.device)
+        with torch.inference_mode(False):  # a plain tensor: callers may move it outside inference mode
+            self.slot = torch.tensor(self.length, device=self.k.device)
 
     def check_room(self, n_new: int) -> None:
         if self.length + n_new > self.max_len:
