@@ -13,9 +13,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY_ATTRIBUTES = {"ChameleonLite": "chameleon_lite.pretrained"}  # name -> module that defines it
+_LAZY_ATTRIBUTES = {  # name -> module that defines it
+    "ChameleonLite": "chameleon_lite.pretrained",
+    "GenerationConfig": "chameleon_lite.generation_config",
+}
 
-__all__ = ["ChameleonLite", "__version__"]
+__all__ = ["ChameleonLite", "GenerationConfig", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

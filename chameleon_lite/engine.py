@@ -2,8 +2,8 @@
 
 :func:`iter_generate_ids` yields one token per row per step; :func:`generate_ids` collects them. Both are
 re-exported by :mod:`chameleon_lite.generation`, which builds prompts from strings and images on top. The logits
-processors and the modality constraint live in :mod:`chameleon_lite.sampling`, the lean decode step in
-:mod:`chameleon_lite.fast_decode`.
+processors and the modality constraint live in :mod:`chameleon_lite.sampling`, the decode step (the decoder's own
+forward on one token per row) in :mod:`chameleon_lite.fast_decode`.
 
 Notable features:
 
@@ -13,11 +13,10 @@ Notable features:
   row (no compute on pad slots, e.g. the short unconditional prompt of guidance) and their keys/values are copied
   into the padded cache. ``prompt_embeds`` prefills from the caller's input embeddings instead of the ids (the
   encoder-projector baseline).
-- One token per step for the whole batch through :class:`~chameleon_lite.fast_decode.FastDecodeStep` (the
-  ``Decoder.forward`` math with fused projections and a fraction of the ops; a decoder module it does not support
-  goes through its own forward), computing only the logit columns the step can use (text, or image codes).
-  ``decode_step="static"`` / ``"cuda_graph"`` use :mod:`chameleon_lite.static_decode` instead (static shapes;
-  on CUDA one graph replay per step).
+- One token per step for the whole batch through ``Decoder.forward`` itself (``fast_decode.DecodeStep``; the cache
+  carries per-call copies of the concatenated block weights, ``Decoder.new_cache(prepare_weights=True)``),
+  computing only the logit columns the step can use (text, or image codes). ``decode_step="static"`` runs the same
+  forward on a static cache, ``"cuda_graph"`` replays it as CUDA graphs (:mod:`chameleon_lite.static_decode`).
 - A row finishes on ``<eos>`` or a stop id (outside images), or after ``<eoi>`` in ``"image"`` mode; finished rows
   keep being fed a pad token (the batch stays static, their output is frozen); the loop ends when all are done.
 - Randomness from a ``torch.Generator`` seeded per call; a sampler whose draw can never be used (greedy-only
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 from chameleon_lite.fast_decode import DecodeStep, IntraOpThreads, decode_threads
+from chameleon_lite.generation_config import DECODE_STEPS
 from chameleon_lite.model import Decoder
 from chameleon_lite.sampling import (
     MODES,
@@ -50,7 +50,6 @@ from chameleon_lite.static_decode import CUDAGraphDecodeStep
 from chameleon_lite.vocab import Vocab
 
 DEFAULT_MAX_NEW_TEXT_TOKENS = 64
-DECODE_STEPS: tuple[str, ...] = ("auto", "fast", "static", "cuda_graph")
 
 __all__ = ["DEFAULT_MAX_NEW_TEXT_TOKENS", "generate_ids", "iter_generate_ids"]
 
@@ -189,8 +188,9 @@ def iter_generate_ids(
     if longest + max_new_tokens > max_seq_len:
         raise ValueError(f"longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
                          f"max_seq_len={max_seq_len}")
-    return _decode_loop(decoder, vocab, constraint, prompts, all_prompts, max_new_tokens, sampling, seed, stop,
-                        float(cfg_scale), use_cfg, mode, prompt_embeds, decode_step)
+    request = _Request(vocab, constraint, prompts, all_prompts, max_new_tokens, sampling, seed, stop,
+                       float(cfg_scale), use_cfg, mode, prompt_embeds, decode_step)
+    return _decode_loop(decoder, request)
 
 
 def _span(mask: torch.Tensor) -> tuple[int, int]:
@@ -241,11 +241,30 @@ def _prefill(decoder: torch.nn.Module, batch: _Batch, cache: Any, prompt_embeds:
     return decoder(inputs_embeds=embeds, **kwargs)[:, -1]
 
 
-def _decode_loop(decoder, *args) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+@dataclass
+class _Request:
+    """One validated call of :func:`iter_generate_ids` (what :func:`_decode_steps` runs)."""
+
+    vocab: Vocab
+    constraint: ModalityConstraint
+    prompts: list[list[int]]  # the B conditional prompts
+    all_prompts: list[list[int]]  # R rows: the prompts, then (guidance) the unconditional ones
+    max_new_tokens: int
+    sampling: SamplingParams
+    seed: int
+    stop: set[int]
+    cfg_scale: float
+    use_cfg: bool
+    mode: str
+    prompt_embeds: list[torch.Tensor] | None
+    decode_step: str
+
+
+def _decode_loop(decoder: torch.nn.Module, request: _Request) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Run :func:`_decode_steps`, each resumption with the intra-op thread count picked by ``decode_threads``
     (the caller's code between steps keeps its own setting)."""
     threads = IntraOpThreads(decode_threads(decoder))
-    steps = _decode_steps(decoder, *args)
+    steps = _decode_steps(decoder, request)
     while True:
         with threads:
             item = next(steps, None)
@@ -255,8 +274,11 @@ def _decode_loop(decoder, *args) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @torch.inference_mode()
-def _decode_steps(decoder, vocab, constraint, prompts, all_prompts, max_new_tokens, sampling, seed, stop, cfg_scale,
-                  use_cfg, mode, prompt_embeds, decode_step) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _decode_steps(decoder: torch.nn.Module, request: _Request) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    r = request
+    vocab, constraint, prompts, all_prompts = r.vocab, r.constraint, r.prompts, r.all_prompts
+    max_new_tokens, sampling, seed, stop, mode = r.max_new_tokens, r.sampling, r.seed, r.stop, r.mode
+    cfg_scale, use_cfg, prompt_embeds, decode_step = r.cfg_scale, r.use_cfg, r.prompt_embeds, r.decode_step
     device = decoder.embed_tokens.weight.device
     B, R = len(prompts), len(all_prompts)  # R = 2B with guidance
     V = vocab.size
@@ -389,11 +411,9 @@ def generate_ids(
             prompt forward then reads these instead of embedding the ids (pad slots get the pad id's embedding);
             the ids still define the lengths and the modality state, and generated tokens are embedded as usual.
             Not allowed with guidance.
-        decode_step: how each step runs: ``"fast"`` (``FastDecodeStep``, eager), ``"static"``
-            (``StaticDecodeStep``, eager: for checking), ``"cuda_graph"`` (the static step captured once as a CUDA
-            graph and replayed; CUDA only) or ``"auto"`` (currently ``"fast"`` everywhere: the graphed step has
-            not been measured on a GPU yet). All compute the same function; ``"fast"`` falls back to the
-            decoder's own forward for a module it does not support, the others refuse one.
+        decode_step: how each step runs (see ``GenerationConfig.decode_step``): ``"fast"`` / ``"auto"`` (the
+            decoder's forward, eager), ``"static"`` (the same forward on a static cache, eager: for checking) or
+            ``"cuda_graph"`` (that static forward captured as CUDA graphs and replayed; CUDA only).
 
     Raises:
         ValueError: a bad parameter (named; :func:`~chameleon_lite.sampling.check_generation_args`), an empty or
