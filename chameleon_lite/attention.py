@@ -113,6 +113,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.document_ids = torch.zeros(batch_size, max_len, device=device, dtype=torch.long)
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views (B, Hkv, max_len, hd)
+        self.slots = torch.arange(max_len, device=device)  # (max_len,) slot indices (static mode's mask)
         self.length = 0
         self.weights: list[dict[str, torch.Tensor]] | None = None  # per-layer weight copies (Decoder.new_cache)
         self.head_weights: dict[tuple[int, int], torch.Tensor] = {}  # output-head copies per column range
@@ -304,8 +305,7 @@ def cache_attention_mask(
         cache.check_room(1)
         visible = cache.decode_visibility()  # (B, 1, 1, max_len) or None
         if cache.slot is not None:
-            slots = torch.arange(cache.max_len, device=device)  # (S,)
-            return AttentionMask("sdpa", sdpa_mask=visible & (slots <= cache.slot))  # (B, 1, 1, S)
+            return AttentionMask("sdpa", sdpa_mask=visible & (cache.slots <= cache.slot))  # (B, 1, 1, S)
         if visible is None:
             return AttentionMask("sdpa")  # every cached slot is visible
         return AttentionMask("sdpa", sdpa_mask=visible[..., : cache.length + 1])  # (B, 1, 1, length + 1)

@@ -162,7 +162,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     """
     stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stats_dtype)  # (..., 1)
-    key = (eps, norm.device, stats_dtype)
+    key = (eps, norm.get_device(), stats_dtype)  # get_device: -1 on CPU, the index on an accelerator
     eps_tensor = _EPS_TENSORS.get(key)
     if eps_tensor is None:  # addcmul takes no Python scalar as its base
         with torch.inference_mode(False):
@@ -275,7 +275,10 @@ class Attention(nn.Module):
         """Self-attention of ``x`` ``(B, T, d)``; ``prepared``: see :func:`project`."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = project(x, [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], prepared and prepared["qkv"])
+        if prepared is None:
+            qkv = project(x, [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        else:
+            qkv = torch.matmul(x, prepared["qkv"])  # see project
         qkv = qkv.view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2Hkv, T, hd)
         qk, v = qkv.narrow(1, 0, H + Hkv), qkv.narrow(1, H + Hkv, Hkv)  # (B, H + Hkv, T, hd), (B, Hkv, T, hd)
         if self.qk_norm:
@@ -291,7 +294,9 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, T_k, hd)
         y = attend(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H hd)
-        return project(y, [self.o_proj.weight], prepared and prepared["o"])  # (B, T, d)
+        if prepared is None:
+            return project(y, [self.o_proj.weight])  # (B, T, d)
+        return torch.matmul(y, prepared["o"])
 
 
 class SwiGLU(nn.Module):
@@ -310,9 +315,11 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, prepared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``(B, T, d) -> (B, T, d)``; ``prepared``: see :func:`project`."""
-        gate_up = project(x, [self.gate_proj.weight, self.up_proj.weight], prepared and prepared["gate_up"])
-        gate, up = gate_up.chunk(2, dim=-1)  # (B, T, hidden) each
-        return project(F.silu(gate) * up, [self.down_proj.weight], prepared and prepared["down"])
+        if prepared is None:
+            gate, up = project(x, [self.gate_proj.weight, self.up_proj.weight]).chunk(2, dim=-1)  # (B, T, hidden)
+            return project(F.silu(gate) * up, [self.down_proj.weight])  # (B, T, d)
+        gate, up = torch.matmul(x, prepared["gate_up"]).chunk(2, dim=-1)  # see project
+        return torch.matmul(F.silu(gate) * up, prepared["down"])
 
 
 class Block(nn.Module):
