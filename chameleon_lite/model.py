@@ -485,7 +485,7 @@ class Decoder(nn.Module):
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-            x = self.embed_tokens(input_ids)  # (B, T, d)
+            x = F.embedding(input_ids, self.embed_tokens.weight)  # (B, T, d)
         else:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.d_model:
                 shape = tuple(inputs_embeds.shape)
