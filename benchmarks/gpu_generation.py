@@ -8,12 +8,12 @@ bf16 (decode speed does not depend on the weights' values; the image arm always 
 ``<eoi>``), vocabulary and image grid from the recipe's tokenizer bundle. For each batch size (``--batch-sizes``,
 default 1 and 16), after a prefill of ``--prompt-len`` tokens, ``--new-tokens`` decode steps of:
 
-- ``fast step``: the engine's decode step (``fast_decode.FastDecodeStep``, eager), feeding the argmax back on the
-  device (no sampling, no host sync inside the timed loop);
-- ``static step``: ``static_decode.StaticDecodeStep``, the same math with static shapes (the slot of the new token
-  is a tensor; attention reads the whole preallocated cache under a mask; grouped-query heads without copies),
-  checked first against ``FastDecodeStep``'s logits; eager, and with ``--compile`` also ``torch.compile(mode=
-  "reduce-overhead")`` (CUDA graphs of the whole step; on CPU plain inductor);
+- ``fast step``: the engine's decode step (``fast_decode.DecodeStep``: ``Decoder.forward`` on one token per row,
+  eager, the cache carrying the weight copies), feeding the argmax back on the device (no sampling, no host sync
+  inside the timed loop);
+- ``static step``: the same forward on a static cache (the slot of the new token is a tensor; attention reads the
+  whole preallocated cache under a mask), checked first against the fast step's logits; eager, and on CUDA with
+  ``--compile`` also captured as CUDA graphs (``static_decode.CUDAGraphDecodeStep``);
 - ``engine``: ``generate_ids(mode="image")`` end to end (packed prefill, constraint, sampling, host checks), ``B``
   images, with ``cfg_scale`` 1 and ``--cfg-scale`` (guidance doubles the rows): tokens/s and seconds per image;
   on CUDA also with ``decode_step="cuda_graph"`` (the static step captured once per call and replayed).
@@ -46,9 +46,9 @@ from pathlib import Path
 
 import torch
 
-from chameleon_lite.generation.fast_decode import FastDecodeStep
+from chameleon_lite.generation.fast_decode import DecodeStep
 from chameleon_lite.generation.native import generate_ids
-from chameleon_lite.generation.static_decode import StaticDecodeStep
+from chameleon_lite.generation.static_decode import CUDAGraphDecodeStep
 from chameleon_lite.model.attention import KVCache
 from chameleon_lite.model.decoder import Decoder
 from chameleon_lite.model.model_dir import resolve_bundle_path
@@ -71,7 +71,7 @@ def prefill(decoder: Decoder, batch: int, prompt_len: int, max_len: int, vocab_s
     """A cache of ``max_len`` slots holding ``batch`` random text prompts of ``prompt_len`` tokens."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, vocab_size, (batch, prompt_len), generator=g).to(decoder.embed_tokens.weight.device)
-    cache = decoder.new_cache(batch, max_len)
+    cache = decoder.new_cache(batch, max_len, prepare_weights=True)
     with torch.inference_mode():
         decoder(ids, cache=cache)
     return cache
@@ -84,7 +84,15 @@ def clone_cache(cache: KVCache) -> KVCache:
     copy.v.copy_(cache.v)
     copy.document_ids.copy_(cache.document_ids)
     copy.length = cache.length
+    copy.weights = cache.weights  # the weight copies are read only
     return copy
+
+
+def rewind(cache: KVCache, length: int) -> None:
+    """Forget the decoded tokens: back to ``length`` cached tokens (the prompt)."""
+    cache.length = length
+    if cache.slot is not None:
+        cache.slot.fill_(length)
 
 
 def decode_loop(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tokens: torch.Tensor,
@@ -117,9 +125,9 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
 
 def reference_logits(decoder: Decoder, cache: KVCache, first: torch.Tensor, positions: torch.Tensor,
                      n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``FastDecodeStep``'s logits over ``n`` greedy steps (on a copy of ``cache``) and the tokens it was fed."""
+    """The eager step's logits over ``n`` greedy steps (on a copy of ``cache``) and the tokens it was fed."""
     with torch.inference_mode():
-        fast = FastDecodeStep(decoder, clone_cache(cache))
+        fast = DecodeStep(decoder, clone_cache(cache))
         tokens, positions = first, positions.clone()
         fed, logits = [], []
         for _ in range(n):
@@ -129,32 +137,19 @@ def reference_logits(decoder: Decoder, cache: KVCache, first: torch.Tensor, posi
     return fed, logits
 
 
-def static_disagreement(static: StaticDecodeStep, fn: Callable | None, fed: list[torch.Tensor],
-                        reference: list[torch.Tensor], positions: torch.Tensor, prompt_len: int,
-                        mark_cudagraph_steps: bool = False) -> float:
-    """Largest relative L2 difference between the static step's logits (through ``fn``, e.g. compiled) and
-    ``reference`` when fed the same tokens from the prompt on."""
+def static_disagreement(static: Callable, cache: KVCache, fed: list[torch.Tensor], reference: list[torch.Tensor],
+                        positions: torch.Tensor, prompt_len: int) -> float:
+    """Largest relative L2 difference between a static step's logits and ``reference`` when fed the same tokens
+    from the prompt on."""
     worst = 0.0
     with torch.inference_mode():
-        static.rewind(prompt_len)
+        rewind(cache, prompt_len)
         positions = positions.clone()
         for tokens, expected in zip(fed, reference):
-            if mark_cudagraph_steps:
-                torch.compiler.cudagraph_mark_step_begin()
-            got = static.step(tokens, positions, fn)  # (B, V)
+            got = static(tokens, positions)  # (B, V)
             worst = max(worst, float((got - expected).double().norm() / expected.double().norm()))
             positions += 1
     return worst
-
-
-def _cudagraph_skips() -> int:
-    """How often inductor has declined to use CUDA graphs in this process (its counter; 0 if it moved)."""
-    try:
-        from torch._dynamo.utils import counters
-
-        return int(counters["inductor"]["cudagraph_skips"])
-    except Exception:
-        return 0
 
 
 # ---------------------------------------------------------------------------------------------- transformers
@@ -213,7 +208,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=256, help="decode steps per timed run (step arms)")
-    parser.add_argument("--compile", action="store_true", help="add the torch.compile'd static step (CUDA graphs)")
+    parser.add_argument("--compile", action="store_true", help="add the CUDA-graphed static step (CUDA only)")
     parser.add_argument("--cfg-scale", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per arm (median)")
     parser.add_argument("--copy-bytes", type=int, default=1 << 30, help="bytes of the measured device copy")
@@ -275,18 +270,17 @@ def main() -> None:
             rows.append((B, arm, rate, ms, bound, spec_bound, error))
             print(f"  batch {B:>2} {arm:<30} " + (f"FAILED {error}" if error else f"{rate:>10,.0f} tok/s"), flush=True)
 
-        # ---- the decode step alone: FastDecodeStep (the engine's), StaticDecodeStep eager / compiled
+        # ---- the decode step alone: the eager step (the engine's), the static step eager / CUDA-graphed
         cache = prefill(decoder, B, args.prompt_len, max_len, vocab.n_text, args.seed)
         first = torch.full((B,), vocab.bos, device=device)
         positions = torch.full((B,), args.prompt_len, device=device)
         n_tokens = B * args.new_tokens
 
         fast_cache = clone_cache(cache)
-        with torch.inference_mode():
-            fast = FastDecodeStep(decoder, fast_cache)  # fuses the weights once, outside the timing
+        fast = DecodeStep(decoder, fast_cache)
 
         def fast_run() -> None:
-            fast_cache.length = args.prompt_len  # rewind to the prompt
+            rewind(fast_cache, args.prompt_len)
             with torch.inference_mode():
                 decode_loop(fast, first, positions, args.new_tokens)
 
@@ -294,46 +288,28 @@ def main() -> None:
 
         n_check = min(8, args.new_tokens)
         fed, reference = reference_logits(decoder, cache, first, positions, n_check)
-        tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4  # two implementations, different rounding
-        with torch.inference_mode():
-            static = StaticDecodeStep(decoder, clone_cache(cache))
-
-        def static_run(fn: Callable | None = None, mark: bool = False) -> None:
-            with torch.inference_mode():
-                static.rewind(args.prompt_len)
-                decode_loop(lambda t, p: static.step(t, p, fn), first, positions, args.new_tokens, mark)
-
-        def check(label: str, fn: Callable | None, mark: bool = False) -> bool:
-            worst = static_disagreement(static, fn, fed, reference, positions, args.prompt_len, mark)
-            print(f"  batch {B:>2} {label} vs FastDecodeStep logits over {n_check} steps: max relative difference "
-                  f"{worst:.1e} (tolerance {tolerance:g})")
-            if not worst < tolerance:
-                add(label, None, 0, 1, f"disagrees with FastDecodeStep ({worst:.1e}); not timed")
-            return worst < tolerance
-
-        if check("static step (eager)", None):
-            add("static step (eager)", timed(static_run, device, args.repeats), n_tokens, args.new_tokens)
-        if args.compile:
-            cuda = device.type == "cuda"
-            label = "static step (compile, graphs)" if cuda else "static step (compile)"
+        tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4  # static vs dynamic shapes, different rounding
+        arms = [("static step (eager)", lambda c: DecodeStep(decoder, c, static=True))]
+        if args.compile and device.type == "cuda":
+            arms.append(("static step (CUDA graphs)", lambda c: CUDAGraphDecodeStep(decoder, c)))
+        for label, make in arms:
             try:
-                torch._dynamo.reset()
-                if cuda:  # the cache and tables keep their addresses: CUDA graphs may read and write them in place
-                    for buffer in static.buffers():
-                        torch._dynamo.mark_static_address(buffer)
-                skips_before = _cudagraph_skips()
-                # reduce-overhead = CUDA graphs of the whole step; fullgraph: a graph break is an error
-                compiled = torch.compile(static, mode="reduce-overhead" if cuda else None, fullgraph=True,
-                                         dynamic=False)
-                start = time.perf_counter()
-                static_run(compiled, cuda)  # compile (and record the graphs) outside the timing
-                print(f"  batch {B:>2} compile took {time.perf_counter() - start:.1f} s")
-                if cuda and _cudagraph_skips() > skips_before:  # inductor ran the step without graphs
-                    label = "static step (compile, NO graphs)"
-                    print(f"  batch {B:>2} CUDA graphs were skipped (TORCH_LOGS=perf_hints says why)")
-                if check(label, compiled, cuda):
-                    add(label, timed(lambda: static_run(compiled, cuda), device, args.repeats), n_tokens,
-                        args.new_tokens)
+                static_cache = clone_cache(cache)
+                with torch.inference_mode():
+                    static = make(static_cache)
+                worst = static_disagreement(static, static_cache, fed, reference, positions, args.prompt_len)
+                print(f"  batch {B:>2} {label} vs the eager step's logits over {n_check} steps: max relative "
+                      f"difference {worst:.1e} (tolerance {tolerance:g})")
+                if not worst < tolerance:
+                    add(label, None, 0, 1, f"disagrees with the eager step ({worst:.1e}); not timed")
+                    continue
+
+                def static_run(static=static, static_cache=static_cache) -> None:
+                    rewind(static_cache, args.prompt_len)
+                    with torch.inference_mode():
+                        decode_loop(static, first, positions, args.new_tokens)
+
+                add(label, timed(static_run, device, args.repeats), n_tokens, args.new_tokens)
             except Exception as error:  # report, keep the other figures
                 add(label, None, 0, 1, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
 

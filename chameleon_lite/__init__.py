@@ -24,6 +24,7 @@ _LAZY_ATTRIBUTES = {  # name -> module that defines it
     "load_bundle": "chameleon_lite.tokenization.bundle",
     "Vocab": "chameleon_lite.tokenization.vocab",
     "DecoderConfig": "chameleon_lite.model.decoder",
+    "GenerationConfig": "chameleon_lite.generation.config",
 }
 
 __all__ = ["__version__", *_LAZY_ATTRIBUTES]

@@ -8,9 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from chameleon_lite import __version__
 from chameleon_lite.training.lightning_cli import LIGHTNING_SUBCOMMANDS, run_lightning_cli
+
+if TYPE_CHECKING:
+    from chameleon_lite.generation.config import GenerationConfig
 
 
 def _positive_int(text: str) -> int:
@@ -225,6 +229,18 @@ def _from_pretrained(cls: type, path: str):
         raise SystemExit(f"--model {path}: {err}") from err
 
 
+def _generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """The ``GenerationConfig`` of ``chameleon-lite generate``'s options (its checks name the field)."""
+    from chameleon_lite.generation.config import GenerationConfig
+
+    try:
+        return GenerationConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, image_temperature=args.image_temperature,
+                                image_top_k=args.image_top_k, cfg_scale=args.cfg_scale, seed=args.seed)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"generate: {err}") from err
+
+
 def _generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -243,8 +259,7 @@ def _generate(args: argparse.Namespace) -> int:
         if not prompt:
             raise SystemExit("give --prompt and/or --image")
         model = _from_pretrained(BaselineVLM, args.model)
-        for segment in model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        for segment in model.generate(prompt, _generation_config(args)):
             print(segment)
         return 0
     model = _from_pretrained(ChameleonLite, args.model)
@@ -253,18 +268,7 @@ def _generate(args: argparse.Namespace) -> int:
         segments.append(args.prompt)
     if not segments:
         raise SystemExit("give --prompt and/or --image")
-    out = model.generate(
-        segments,
-        mode=args.mode,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        image_temperature=args.image_temperature,
-        image_top_k=args.image_top_k,
-        cfg_scale=args.cfg_scale,
-        seed=args.seed,
-    )
+    out = model.generate(segments, _generation_config(args))
     out_dir = Path(args.out)
     n_images = 0
     for segment in out:

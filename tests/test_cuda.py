@@ -22,10 +22,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from chameleon_lite.generation.fast_decode import FastDecodeStep
+from chameleon_lite.generation.fast_decode import DecodeStep
 from chameleon_lite.generation.native import generate_ids
 from chameleon_lite.generation.sampling import SamplingParams
-from chameleon_lite.generation.static_decode import CUDAGraphDecodeStep, StaticDecodeStep
+from chameleon_lite.generation.static_decode import CUDAGraphDecodeStep
 from chameleon_lite.model.attention import attend, build_attention_mask, flex_attention_available, xformers_available
 from chameleon_lite.model.decoder import Decoder, DecoderConfig, next_token_loss
 from chameleon_lite.tokenization.bundle import load_bundle
@@ -329,9 +329,9 @@ def test_bf16_fast_decode_step_matches_the_full_forward() -> None:
     decoder = gen_decoder(torch.bfloat16)
     reference = gen_decoder(torch.float32)
     ids = torch.tensor([gen_prompt(20), gen_prompt(20, start=9)], device=CUDA)  # (2, 20)
-    cache = decoder.new_cache(2, 32)
+    cache = decoder.new_cache(2, 32, prepare_weights=True)
     decoder(ids[:, :12], cache=cache)
-    step = FastDecodeStep(decoder, cache)
+    step = DecodeStep(decoder, cache)
     for t in range(12, 20):
         got = step(ids[:, t], torch.full((2,), t, device=CUDA))  # (2, V)
         full = reference(ids[:, : t + 1])[:, -1, : GEN_VOCAB.size]  # (2, V) fp32, no cache
@@ -348,12 +348,13 @@ def test_cuda_graph_decode_step_replays_the_static_step(dtype: torch.dtype) -> N
     with torch.inference_mode():
         for cache in caches:
             decoder(ids[:, :12], cache=cache)
-        eager = StaticDecodeStep(decoder, caches[0])
-        graphed = CUDAGraphDecodeStep(StaticDecodeStep(decoder, caches[1]))
+        eager = DecodeStep(decoder, caches[0], static=True)
+        graphed = CUDAGraphDecodeStep(decoder, caches[1])
         for t in range(12, 20):
             positions = torch.full((2,), t, device=CUDA)
-            want = eager.step(ids[:, t], positions)  # (2, V)
-            got = graphed(ids[:, t], positions)
+            columns = (3, 40) if t % 2 else None  # two graphs: columns are honoured
+            want = eager(ids[:, t], positions, columns)  # (2, V)
+            got = graphed(ids[:, t], positions, columns)
             assert torch.equal(got, want), (t, rel_err(got, want))
     assert caches[1].length == caches[0].length == 20
     assert torch.equal(caches[1].k[..., :20, :], caches[0].k[..., :20, :])

@@ -1,6 +1,7 @@
-"""The lean decode step (chameleon_lite.generation.fast_decode) computes what Decoder.forward computes, and the
-engine's fast
-path produces what the plain forward path produces."""
+"""The engine's decode step (chameleon_lite.generation.fast_decode.DecodeStep: Decoder.forward on one token per row,
+reading
+the weight copies its cache carries) computes what the forward computes from the parameters, and the engine's
+default path produces what the parameter path produces."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from chameleon_lite.generation.fast_decode import SERIAL_MAX_D_MODEL, FastDecodeStep, IntraOpThreads, decode_threads
+from chameleon_lite.generation.fast_decode import (
+    SERIAL_MAX_D_MODEL,
+    DecodeStep,
+    IntraOpThreads,
+    decode_threads,
+)
 from chameleon_lite.generation.native import generate_ids
 from chameleon_lite.generation.sampling import SamplingParams
 from chameleon_lite.model.decoder import Decoder, DecoderConfig
@@ -56,16 +62,16 @@ def left_padded_prompts(lengths: list[int], vocab_size: int, seed: int = 1):
         (torch.float32, {}, [5]),
     ],
 )
-def test_fast_step_equals_forward(dtype: torch.dtype, overrides: dict, lengths: list[int]) -> None:
+def test_decode_step_equals_forward(dtype: torch.dtype, overrides: dict, lengths: list[int]) -> None:
     decoder = make_decoder(dtype, **overrides)
     V, B = decoder.config.vocab_size, len(lengths)
     ids, document_ids, positions, lengths = left_padded_prompts(lengths, V)
-    slow_cache, fast_cache = decoder.new_cache(B, 24), decoder.new_cache(B, 24)
+    slow_cache, fast_cache = decoder.new_cache(B, 24), decoder.new_cache(B, 24, prepare_weights=True)
     g = torch.Generator().manual_seed(2)
     with torch.inference_mode():
         for cache in (slow_cache, fast_cache):
             decoder(ids, position_ids=positions, document_ids=document_ids, cache=cache)
-        step = FastDecodeStep(decoder, fast_cache)
+        step = DecodeStep(decoder, fast_cache)
         next_positions = lengths.clone()
         for _ in range(8):
             tokens = torch.randint(0, V, (B,), generator=g)
@@ -84,43 +90,28 @@ def test_fast_step_equals_forward(dtype: torch.dtype, overrides: dict, lengths: 
     assert torch.equal(fast_cache.document_ids[:, :end], slow_cache.document_ids[:, :end])
 
 
-def test_fast_step_columns_and_refusals() -> None:
+def test_decode_step_columns_and_refusals() -> None:
     decoder = make_decoder()
     V = decoder.config.vocab_size
     ids, document_ids, positions, lengths = left_padded_prompts([4, 2], V)
 
-    def one_step(columns=None, **kwargs) -> torch.Tensor:
-        cache = decoder.new_cache(2, 16)
+    def one_step(columns=None, prepare=True, **kwargs) -> torch.Tensor:
+        cache = decoder.new_cache(2, 16, prepare_weights=prepare)
         decoder(ids, position_ids=positions, document_ids=document_ids, cache=cache)
-        return FastDecodeStep(decoder, cache, **kwargs)(torch.tensor([5, 6]), lengths, columns)
+        return DecodeStep(decoder, cache, **kwargs)(torch.tensor([5, 6]), lengths, columns)
 
     with torch.inference_mode():
         with pytest.raises(ValueError, match="prefilled"):
-            FastDecodeStep(decoder, decoder.new_cache(2, 16))
-        threads = torch.get_num_threads()
+            DecodeStep(decoder, decoder.new_cache(2, 16))
         full = one_step()
-        assert torch.get_num_threads() == threads  # a single-threaded step restores the caller's setting
-        variants = [
-            one_step((10, 40)),
-            one_step((10, 40), head_columns=(10, 40)),  # the transposed head copy
-            one_step((10, 40), head_columns=(0, 60)),  # other columns than the copy: the plain head
-        ]
-        for kwargs in ({"head_columns": (0, V)}, {"head_columns": (10, 40)}):
-            torch.testing.assert_close(one_step(**kwargs), full, rtol=1e-9, atol=1e-9)
+        variants = [one_step((10, 40)), one_step((10, 40), prepare=False), one_step((10, 40), static=True)]
+        torch.testing.assert_close(one_step(prepare=False), full, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(one_step(static=True), full, rtol=1e-9, atol=1e-9)
+        with pytest.raises(ValueError, match="columns"):
+            one_step((40, 10))
     for part in variants:
         torch.testing.assert_close(part[:, 10:40], full[:, 10:40], rtol=1e-9, atol=1e-9)
         assert (part[:, :10] == 0).all() and (part[:, 40:] == 0).all()
-
-    assert FastDecodeStep.supports(decoder)
-    assert not FastDecodeStep.supports(torch.nn.Linear(2, 2))
-    training = make_decoder(dropout=0.1).train()
-    assert not FastDecodeStep.supports(training) and FastDecodeStep.supports(training.eval())
-
-    class Custom(Decoder):
-        def forward(self, *args, **kwargs):
-            return super().forward(*args, **kwargs)
-
-    assert not FastDecodeStep.supports(Custom(TINY))
 
 
 def test_decode_threads_policy_and_scope() -> None:
@@ -151,9 +142,14 @@ def engine_decoder() -> Decoder:
 
 
 def plain_path(monkeypatch, fn):
-    """Run ``fn`` with the fast step switched off (every step goes through ``Decoder.forward``)."""
+    """Run ``fn`` with the caches' weight copies switched off (every product reads the parameters)."""
+    new_cache = Decoder.new_cache
+
+    def without_copies(self, *args, prepare_weights=False, **kwargs):
+        return new_cache(self, *args, **kwargs)
+
     with monkeypatch.context() as m:
-        m.setattr(FastDecodeStep, "supports", staticmethod(lambda decoder: False))
+        m.setattr(Decoder, "new_cache", without_copies)
         return fn()
 
 
@@ -168,7 +164,8 @@ def plain_path(monkeypatch, fn):
         ("interleaved", {"sampling": SamplingParams(temperature=0.0), "seed": 3}),  # greedy text, sampled codes
     ],
 )
-def test_engine_fast_path_equals_forward_path(monkeypatch, engine_decoder: Decoder, mode: str, kwargs: dict) -> None:
+def test_engine_default_path_equals_parameter_path(monkeypatch, engine_decoder: Decoder, mode: str,
+                                                   kwargs: dict) -> None:
     boi = [VOCAB.boi] if mode == "image" else []
     prompts = [[VOCAB.bos, 5, 9, 11, *boi], [VOCAB.bos, 7, *boi], [VOCAB.bos, 3, 8, 13, 21, 6, *boi]]
     if mode == "interleaved":  # make <boi> likely so images are opened and closed
@@ -205,7 +202,6 @@ def test_generic_decoder_module_takes_the_plain_paths(engine_decoder: Decoder) -
     prompts = [[VOCAB.bos, 5, 9, 11], [VOCAB.bos, 7], [VOCAB.bos, 3, 8, 13, 21, 6]]
     greedy = SamplingParams(temperature=0.0)
     wrapped = Wrapped(engine_decoder)
-    assert not FastDecodeStep.supports(wrapped)
     want = generate_ids(engine_decoder, VOCAB, GRID, prompts, max_new_tokens=12, sampling=greedy)
     assert generate_ids(wrapped, VOCAB, GRID, prompts, max_new_tokens=12, sampling=greedy) == want
     with torch.no_grad():
@@ -227,23 +223,15 @@ def test_batch_equals_each_prompt_alone_with_either_prefill(engine_decoder: Deco
 
 
 @pytest.mark.parametrize("mode", ["text", "image", "interleaved"])
-def test_long_budget_uses_the_transposed_head_and_still_equals_forward(monkeypatch, mode: str) -> None:
+def test_long_budget_equals_parameter_path(monkeypatch, mode: str) -> None:
     decoder = make_decoder(vocab_size=VOCAB.size, max_seq_len=96, seed=2)  # seed 2: no <eos> within the budget
     boi = [VOCAB.bos, VOCAB.boi] if mode == "image" else [VOCAB.bos]
     prompts = [[*boi[:1], 5, 9, *boi[1:]], [*boi[:1], 7, 3, 8, 13, *boi[1:]]]
     sampling = SamplingParams(temperature=0.0, image_temperature=0.0)
-    built = []
-    init = FastDecodeStep.__init__
-
-    def spy(self, *args, **kwargs):
-        built.append(kwargs.get("head_columns"))
-        init(self, *args, **kwargs)
 
     def run():
         return generate_ids(decoder, VOCAB, GRID, prompts, mode=mode, max_new_tokens=80, sampling=sampling)
 
-    monkeypatch.setattr(FastDecodeStep, "__init__", spy)
     fast = run()
-    assert built and built[0] is not None  # the transposed head copy was made
     assert fast == plain_path(monkeypatch, run)
     assert max(len(out) for out in fast) == (GRID[0] * GRID[1] + 1 if mode == "image" else 80)

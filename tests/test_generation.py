@@ -455,3 +455,44 @@ def test_cli_generate_writes_text_and_images(tmp_path, capsys) -> None:
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(SystemExit, match="bad.png"):
         main(["generate", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "bad.png")])
+
+
+# ---------------------------------------------------------------------------------------------- GenerationConfig
+def test_generation_config_checks_and_build() -> None:
+    from chameleon_lite.generation.config import GenerationConfig
+
+    config = GenerationConfig()
+    assert config.sampling == SamplingParams(temperature=0.0) and config.mode == "text"
+    assert GenerationConfig.build(config) is config
+    hot = GenerationConfig.build(config, temperature=0.7, top_k=3)
+    assert (hot.temperature, hot.top_k, hot.seed) == (0.7, 3, 0)
+    with pytest.raises(TypeError, match="unexpected generation option"):
+        GenerationConfig.build(temprature=0.7)
+    with pytest.raises(ValueError, match="mode="):
+        GenerationConfig(mode="video")
+    with pytest.raises(ValueError, match="decode_step="):
+        GenerationConfig(decode_step="graph")
+    with pytest.raises(ValueError, match="cfg_scale=2.0 needs mode='image'"):
+        GenerationConfig(cfg_scale=2.0)
+    with pytest.raises(TypeError, match="seed"):
+        GenerationConfig(seed=1.5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationConfig(max_new_tokens=0)
+    with pytest.raises((TypeError, ValueError), match="temperature"):
+        GenerationConfig(temperature=True)
+
+
+def test_config_and_keyword_options_are_the_same_call(tiny_model) -> None:
+    from chameleon_lite.generation.config import GenerationConfig
+    from chameleon_lite.generation.generator import run_generate
+    from chameleon_lite.generation.native import NativeGenerator
+
+    image = square((0, 0, 255))
+    config = GenerationConfig(max_new_tokens=8, temperature=1.0, seed=3)
+    by_config = generate(tiny_model, [image, "what is it?"], config)
+    assert by_config == generate(tiny_model, [image, "what is it?"], max_new_tokens=8, temperature=1.0, seed=3)
+    assert by_config == run_generate(NativeGenerator(tiny_model), [image, "what is it?"], config)
+    assert join_stream(list(stream(tiny_model, [image, "what is it?"], config))) == by_config
+    # keyword options replace the config's fields
+    assert generate(tiny_model, [image, "what is it?"], config, seed=4) == generate(
+        tiny_model, [image, "what is it?"], GenerationConfig(max_new_tokens=8, temperature=1.0, seed=4))

@@ -147,7 +147,7 @@ def test_the_walk_sees_deferred_and_relative_imports(tmp_path):
     assert _imports("chameleon_lite.x.m", module, modules) == {"chameleon_lite.model.decoder"}
 
 
-@pytest.mark.parametrize("public", ["ChameleonLite", "BaselineVLM", "load_bundle", "DecoderConfig"])
+@pytest.mark.parametrize("public", ["ChameleonLite", "BaselineVLM", "load_bundle", "DecoderConfig", "GenerationConfig"])
 def test_import_chameleon_lite_loads_neither_torch_nor_lightning(public):
     code = (
         "import sys, chameleon_lite; "

@@ -1,5 +1,7 @@
-"""The static-shape decode step (chameleon_lite.generation.static_decode) computes what the fast step computes, and the
-engine gives the same tokens with ``decode_step="static"`` as with the default. The CUDA-graph replay of the same
+"""The decoder's forward on a static KV cache (every decode step the same shapes, what
+chameleon_lite.generation.static_decode captures as a CUDA graph) computes what the eager step computes, and the
+engine gives
+the same tokens with ``decode_step="static"`` as with the default. The CUDA-graph replay of the same
 step needs CUDA: ``tests/test_cuda.py``."""
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ import pytest
 import torch
 from test_fast_decode import GRID, VOCAB, Wrapped, left_padded_prompts, make_decoder
 
-from chameleon_lite.generation.fast_decode import FastDecodeStep
+from chameleon_lite.generation.fast_decode import DecodeStep
 from chameleon_lite.generation.native import generate_ids
 from chameleon_lite.generation.sampling import SamplingParams
-from chameleon_lite.generation.static_decode import CUDAGraphDecodeStep, StaticDecodeStep
+from chameleon_lite.generation.static_decode import CUDAGraphDecodeStep
 
 
 @pytest.mark.parametrize(
@@ -26,7 +28,7 @@ from chameleon_lite.generation.static_decode import CUDAGraphDecodeStep, StaticD
         (torch.float32, {"n_kv_heads": 2}, [2, 5]),
     ],
 )
-def test_static_step_equals_fast_step(dtype: torch.dtype, overrides: dict, lengths: list[int]) -> None:
+def test_static_step_equals_eager_step(dtype: torch.dtype, overrides: dict, lengths: list[int]) -> None:
     decoder = make_decoder(dtype, **overrides)
     V, B = decoder.config.vocab_size, len(lengths)
     ids, document_ids, positions, lengths = left_padded_prompts(lengths, V)
@@ -35,41 +37,34 @@ def test_static_step_equals_fast_step(dtype: torch.dtype, overrides: dict, lengt
     with torch.inference_mode():
         for cache in (fast_cache, static_cache):
             decoder(ids, position_ids=positions, document_ids=document_ids, cache=cache)
-        fast, static = FastDecodeStep(decoder, fast_cache), StaticDecodeStep(decoder, static_cache)
+        fast, static = DecodeStep(decoder, fast_cache), DecodeStep(decoder, static_cache, static=True)
         next_positions = lengths.clone()
         # both round RMSNorm statistics through fp32 (as Chameleon), in different op orders: ~1e-6 differences
         tol = 1e-5 if dtype == torch.float64 else 1e-4
         for _ in range(10):
             tokens = torch.randint(0, V, (B,), generator=g)
             want = fast(tokens, next_positions)  # (B, V)
-            got = static.step(tokens, next_positions)
+            got = static(tokens, next_positions)
             assert got.shape == (B, V)
             torch.testing.assert_close(got, want.to(got.dtype), rtol=tol, atol=tol)
             next_positions += 1
         # the keys/values written at the static slots are the fast step's
         end = fast_cache.length
-        assert static_cache.length == end and int(static.slot) == end
+        assert static_cache.length == end and int(static_cache.slot) == end
         torch.testing.assert_close(static_cache.k[..., :end, :], fast_cache.k[..., :end, :], rtol=tol, atol=tol)
-
-        # rewind: decoding the same tokens again reproduces the logits
-        static.rewind(ids.shape[1])
-        first = static.step(torch.zeros(B, dtype=torch.long), lengths.clone())
-        static.rewind(ids.shape[1])
-        assert torch.equal(static.step(torch.zeros(B, dtype=torch.long), lengths.clone()), first)
+        with pytest.raises(ValueError, match="static KV cache"):  # one token per row per forward
+            decoder(torch.zeros(B, 2, dtype=torch.long), cache=static_cache)
 
 
 def test_static_step_refusals() -> None:
     decoder = make_decoder()
     with pytest.raises(ValueError, match="prefilled"):
-        StaticDecodeStep(decoder, decoder.new_cache(1, 8))
+        DecodeStep(decoder, decoder.new_cache(1, 8), static=True)
     cache = decoder.new_cache(1, 8)
     with torch.inference_mode():
         decoder(torch.zeros(1, 3, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="CUDA"):
-        CUDAGraphDecodeStep(StaticDecodeStep(decoder, cache))
-    trained = make_decoder(dropout=0.1).train()
-    with pytest.raises(ValueError, match="eval mode"):
-        StaticDecodeStep(trained, cache)
+        CUDAGraphDecodeStep(decoder, cache)
 
 
 @pytest.mark.parametrize(
@@ -106,8 +101,10 @@ def test_engine_decode_step_validation() -> None:
         generate_ids(decoder, VOCAB, GRID, prompts, decode_step="graph")
     with pytest.raises(ValueError, match="CUDA device"):
         generate_ids(decoder, VOCAB, GRID, prompts, decode_step="cuda_graph")
-    with pytest.raises(ValueError, match="needs a chameleon_lite Decoder"):
-        generate_ids(Wrapped(decoder), VOCAB, GRID, prompts, decode_step="static")
+    # any module with the decoder's forward takes the static path: it is that forward
+    want = generate_ids(decoder, VOCAB, GRID, prompts, max_new_tokens=5, sampling=SamplingParams(temperature=0.0))
+    assert generate_ids(Wrapped(decoder), VOCAB, GRID, prompts, max_new_tokens=5, decode_step="static",
+                        sampling=SamplingParams(temperature=0.0)) == want
 
 
 def test_high_level_generate_passes_decode_step_through(monkeypatch) -> None:

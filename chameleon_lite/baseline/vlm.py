@@ -211,18 +211,18 @@ class BaselineVLM(nn.Module):
             raise ValueError("save_pretrained needs the tokenizer bundle (pass bundle=...)")
         return write_baseline_dir(self, bundle, out_dir)
 
-    def generate(self, prompts: Any, **kwargs: Any) -> list:
+    def generate(self, prompts: Any, config: Any = None, **kwargs: Any) -> list:
         """Text for one prompt or a batch of prompts (segments: ``str`` and ``PIL.Image``); see
         ``chameleon_lite.generation.baseline.generate``."""
         from chameleon_lite.generation.baseline import generate
 
-        return generate(self, prompts, **kwargs)
+        return generate(self, prompts, config, **kwargs)
 
-    def stream(self, prompts: Any, **kwargs: Any) -> Any:
+    def stream(self, prompts: Any, config: Any = None, **kwargs: Any) -> Any:
         """Text pieces as they are produced (``chameleon_lite.generation.baseline.stream``)."""
         from chameleon_lite.generation.baseline import stream
 
-        return stream(self, prompts, **kwargs)
+        return stream(self, prompts, config, **kwargs)
 
     def token_steps(self, prompts: Any, *, max_new_tokens: int | None = None) -> Any:
         """The engine's steps of greedy text generation, one per decoded position

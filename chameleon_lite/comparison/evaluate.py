@@ -27,6 +27,7 @@ from chameleon_lite.data.readers import pair_dataset
 from chameleon_lite.eval.captioning import caption_scores
 from chameleon_lite.eval.generation_scores import aggregate_generation_scores, score_generation, verdict
 from chameleon_lite.eval.understanding import evaluate_qa_shards, summarize_qa
+from chameleon_lite.generation.config import GenerationConfig
 from chameleon_lite.world.scenes import Scene
 
 __all__ = ["answer_questions", "evaluate_qa", "evaluate_captions", "evaluate_text_to_image",
@@ -45,7 +46,7 @@ def answer_questions(model: Any, images: Sequence[Image.Image], questions: Seque
                      max_new_tokens: int = 12) -> list[str]:
     """Greedy answers of either arm to ``[image, question]`` prompts (one batch)."""
     outputs = model.generate([[image, question] for image, question in zip(images, questions)],
-                             max_new_tokens=max_new_tokens)
+                             GenerationConfig(max_new_tokens=max_new_tokens))
     return [" ".join(s for s in out if isinstance(s, str)).strip() for out in outputs]
 
 
@@ -74,7 +75,7 @@ def evaluate_captions(model: Any, shards: str, *, limit: int, batch_size: int = 
         raise ValueError(f"no image-caption pairs in {shards!r}")
     candidates: list[str] = []
     for batch in tqdm(list(_batched(samples, batch_size)), desc="captions", disable=not progress):
-        outputs = model.generate([[s["image"]] for s in batch], max_new_tokens=64)
+        outputs = model.generate([[s["image"]] for s in batch], GenerationConfig(max_new_tokens=64))
         candidates += [" ".join(x for x in out if isinstance(x, str)).strip() for out in outputs]
     scores = caption_scores(candidates, [[s["text"].strip()] for s in samples])
     scores["examples"] = [{"key": s["key"], "reference": s["text"].strip(), "generated": c}
@@ -113,8 +114,8 @@ def generate_images(model: Any, captions: Sequence[str], *, cfg_scale: float, im
     images: list[Image.Image] = []
     for b, batch in enumerate(tqdm(list(_batched(list(captions), batch_size)), desc="text->image",
                                    disable=not progress)):
-        outputs = model.generate([[c] for c in batch], mode="image", cfg_scale=cfg_scale,
-                                 image_temperature=image_temperature, seed=seed + b)
+        config = GenerationConfig(mode="image", cfg_scale=cfg_scale, image_temperature=image_temperature, seed=seed + b)
+        outputs = model.generate([[c] for c in batch], config)
         for caption, out in zip(batch, outputs):
             found = [x for x in out if isinstance(x, Image.Image)]
             if not found:

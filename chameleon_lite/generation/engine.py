@@ -2,8 +2,9 @@
 
 :func:`iter_generate_ids` yields one token per row per step; :func:`generate_ids` collects them. Both are
 re-exported by :mod:`chameleon_lite.generation.native`, which builds prompts from strings and images on top. The logits
-processors and the modality constraint live in :mod:`chameleon_lite.generation.sampling`, the lean decode step in
-:mod:`chameleon_lite.generation.fast_decode`.
+processors and the modality constraint live in :mod:`chameleon_lite.generation.sampling`, the decode step (the
+decoder's own
+forward on one token per row) in :mod:`chameleon_lite.generation.fast_decode`.
 
 Notable features:
 
@@ -13,11 +14,11 @@ Notable features:
   row (no compute on pad slots, e.g. the short unconditional prompt of guidance) and their keys/values are copied
   into the padded cache. ``prompt_embeds`` prefills from the caller's input embeddings instead of the ids (the
   encoder-projector baseline).
-- One token per step for the whole batch through :class:`~chameleon_lite.generation.fast_decode.FastDecodeStep` (the
-  ``Decoder.forward`` math with fused projections and a fraction of the ops; a decoder module it does not support
-  goes through its own forward), computing only the logit columns the step can use (text, or image codes).
-  ``decode_step="static"`` / ``"cuda_graph"`` use :mod:`chameleon_lite.generation.static_decode` instead (static shapes;
-  on CUDA one graph replay per step).
+- One token per step for the whole batch through ``Decoder.forward`` itself (``fast_decode.DecodeStep``; the cache
+  carries per-call copies of the concatenated block weights, ``Decoder.new_cache(prepare_weights=True)``),
+  computing only the logit columns the step can use (text, or image codes). ``decode_step="static"`` runs the same
+  forward on a static cache, ``"cuda_graph"`` replays it as CUDA graphs
+  (:mod:`chameleon_lite.generation.static_decode`).
 - A row finishes on ``<eos>`` or a stop id (outside images), or after ``<eoi>`` in ``"image"`` mode; finished rows
   keep being fed a pad token (the batch stays static, their output is frozen); the loop ends when all are done.
 - Randomness from a ``torch.Generator`` seeded per call; a sampler whose draw can never be used (greedy-only
@@ -38,7 +39,8 @@ from typing import Any
 
 import torch
 
-from chameleon_lite.generation.fast_decode import FastDecodeStep, IntraOpThreads, decode_threads
+from chameleon_lite.generation.config import DECODE_STEPS
+from chameleon_lite.generation.fast_decode import DecodeStep, IntraOpThreads, decode_threads
 from chameleon_lite.generation.sampling import (
     MODES,
     ModalityConstraint,
@@ -46,12 +48,11 @@ from chameleon_lite.generation.sampling import (
     apply_processors,
     check_generation_args,
 )
-from chameleon_lite.generation.static_decode import CUDAGraphDecodeStep, StaticDecodeStep
+from chameleon_lite.generation.static_decode import CUDAGraphDecodeStep
 from chameleon_lite.model.decoder import Decoder
 from chameleon_lite.tokenization.vocab import Vocab
 
 DEFAULT_MAX_NEW_TEXT_TOKENS = 64
-DECODE_STEPS: tuple[str, ...] = ("auto", "fast", "static", "cuda_graph")
 
 __all__ = ["DEFAULT_MAX_NEW_TEXT_TOKENS", "generate_ids", "iter_generate_ids"]
 
@@ -143,8 +144,8 @@ def iter_generate_ids(
         raise ValueError(f"mode={mode!r} must be one of {MODES}")
     if decode_step not in DECODE_STEPS:
         raise ValueError(f"decode_step={decode_step!r} must be one of {DECODE_STEPS}")
-    if decode_step in ("static", "cuda_graph") and not FastDecodeStep.supports(decoder):
-        raise ValueError(f"decode_step={decode_step!r} needs a chameleon_lite Decoder in eval mode (or dropout 0)")
+    if decode_step == "cuda_graph" and decoder.training and decoder.config.dropout > 0:
+        raise ValueError("decode_step='cuda_graph' needs the decoder in eval mode (or with dropout=0)")
     if decode_step == "cuda_graph" and decoder.embed_tokens.weight.device.type != "cuda":
         raise ValueError(f"decode_step='cuda_graph' needs the decoder on a CUDA device, it is on "
                          f"{decoder.embed_tokens.weight.device}")
@@ -190,8 +191,9 @@ def iter_generate_ids(
     if longest + max_new_tokens > max_seq_len:
         raise ValueError(f"longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceeds the model's "
                          f"max_seq_len={max_seq_len}")
-    return _decode_loop(decoder, vocab, constraint, prompts, all_prompts, max_new_tokens, sampling, seed, stop,
-                        float(cfg_scale), use_cfg, mode, prompt_embeds, decode_step)
+    request = _Request(vocab, constraint, prompts, all_prompts, max_new_tokens, sampling, seed, stop,
+                       float(cfg_scale), use_cfg, mode, prompt_embeds, decode_step)
+    return _decode_loop(decoder, request)
 
 
 def _span(mask: torch.Tensor) -> tuple[int, int]:
@@ -242,11 +244,30 @@ def _prefill(decoder: torch.nn.Module, batch: _Batch, cache: Any, prompt_embeds:
     return decoder(inputs_embeds=embeds, **kwargs)[:, -1]
 
 
-def _decode_loop(decoder, *args) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+@dataclass
+class _Request:
+    """One validated call of :func:`iter_generate_ids` (what :func:`_decode_steps` runs)."""
+
+    vocab: Vocab
+    constraint: ModalityConstraint
+    prompts: list[list[int]]  # the B conditional prompts
+    all_prompts: list[list[int]]  # R rows: the prompts, then (guidance) the unconditional ones
+    max_new_tokens: int
+    sampling: SamplingParams
+    seed: int
+    stop: set[int]
+    cfg_scale: float
+    use_cfg: bool
+    mode: str
+    prompt_embeds: list[torch.Tensor] | None
+    decode_step: str
+
+
+def _decode_loop(decoder: torch.nn.Module, request: _Request) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Run :func:`_decode_steps`, each resumption with the intra-op thread count picked by ``decode_threads``
     (the caller's code between steps keeps its own setting)."""
     threads = IntraOpThreads(decode_threads(decoder))
-    steps = _decode_steps(decoder, *args)
+    steps = _decode_steps(decoder, request)
     while True:
         with threads:
             item = next(steps, None)
@@ -256,14 +277,18 @@ def _decode_loop(decoder, *args) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @torch.inference_mode()
-def _decode_steps(decoder, vocab, constraint, prompts, all_prompts, max_new_tokens, sampling, seed, stop, cfg_scale,
-                  use_cfg, mode, prompt_embeds, decode_step) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _decode_steps(decoder: torch.nn.Module, request: _Request) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    r = request
+    vocab, constraint, prompts, all_prompts = r.vocab, r.constraint, r.prompts, r.all_prompts
+    max_new_tokens, sampling, seed, stop, mode = r.max_new_tokens, r.sampling, r.seed, r.stop, r.mode
+    cfg_scale, use_cfg, prompt_embeds, decode_step = r.cfg_scale, r.use_cfg, r.prompt_embeds, r.decode_step
     device = decoder.embed_tokens.weight.device
     B, R = len(prompts), len(all_prompts)  # R = 2B with guidance
     V = vocab.size
     batch = _left_pad(all_prompts, vocab.pad, device)
     longest = batch.ids.shape[1]
-    cache = decoder.new_cache(R, longest + max_new_tokens, device=device)
+    # the cache carries inference copies of the block weights for this call (see Decoder.new_cache)
+    cache = decoder.new_cache(R, longest + max_new_tokens, device=device, prepare_weights=True)
     generator = torch.Generator(device=device).manual_seed(seed)
     constraint.reset(prompts, device)
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
@@ -286,7 +311,7 @@ def _decode_steps(decoder, vocab, constraint, prompts, all_prompts, max_new_toke
     columns = text_columns if text_only else image_columns if mode == "image" else None
 
     logits = _prefill(decoder, batch, cache, prompt_embeds)[:, :V].float()  # (R, V)
-    step_fn = _make_step(decoder, cache, V, columns, max_new_tokens, decode_step)
+    step_fn = _make_step(decoder, cache, V, decode_step)
     next_positions = batch.lengths.clone()  # (R,)
     active = torch.ones(B, dtype=torch.bool, device=device)
     all_active = True
@@ -332,28 +357,19 @@ def _decode_steps(decoder, vocab, constraint, prompts, all_prompts, max_new_toke
         if step == max_new_tokens - 1:
             return
         feed = torch.cat((tokens, tokens)) if use_cfg else tokens  # (R,)
-        if step_fn is not None:
-            # only the fast step reads columns; in image mode the active rows are always inside their image
-            if mode == "interleaved" and isinstance(step_fn, FastDecodeStep):
-                states = {i for i, a in zip(constraint.in_image.tolist(), active.tolist()) if a}
-                columns = None if len(states) > 1 else image_columns if True in states else text_columns
-            logits = step_fn(feed, next_positions, columns)  # (R, V)
-        else:
-            logits = decoder(feed[:, None], position_ids=next_positions[:, None], cache=cache)[:, -1, :V].float()
+        if mode == "interleaved":  # the columns the active rows can use: text, image, or (mixed) all
+            states = {i for i, a in zip(constraint.in_image.tolist(), active.tolist()) if a}
+            columns = None if len(states) > 1 else image_columns if True in states else text_columns
+        logits = step_fn(feed, next_positions, columns)  # (R, V)
         next_positions += 1
 
 
-def _make_step(decoder, cache, V: int, columns, max_new_tokens: int, decode_step: str):
-    """The per-step callable ``(tokens (R,), positions (R,), columns) -> logits (R, V)``, or None (plain forward)."""
-    if decode_step in ("static", "cuda_graph"):
-        static = StaticDecodeStep(decoder, cache, vocab_size=V)
-        if decode_step == "cuda_graph":
-            return CUDAGraphDecodeStep(static)
-        return lambda tokens, positions, columns=None: static.step(tokens, positions)
-    if FastDecodeStep.supports(decoder):
-        head_columns = (columns or (0, V)) if max_new_tokens >= 64 else None  # see FastDecodeStep: pays off then
-        return FastDecodeStep(decoder, cache, vocab_size=V, head_columns=head_columns)
-    return None
+def _make_step(decoder, cache, V: int, decode_step: str):
+    """The per-step callable ``(tokens (R,), positions (R,), columns) -> logits (R, V)``: the decoder's own forward
+    on one token per row, eager (``"static"``: with the cache in static mode) or replayed as a CUDA graph."""
+    if decode_step == "cuda_graph":
+        return CUDAGraphDecodeStep(decoder, cache, vocab_size=V)
+    return DecodeStep(decoder, cache, vocab_size=V, static=decode_step == "static")
 
 
 def generate_ids(
@@ -398,11 +414,9 @@ def generate_ids(
             prompt forward then reads these instead of embedding the ids (pad slots get the pad id's embedding);
             the ids still define the lengths and the modality state, and generated tokens are embedded as usual.
             Not allowed with guidance.
-        decode_step: how each step runs: ``"fast"`` (``FastDecodeStep``, eager), ``"static"``
-            (``StaticDecodeStep``, eager: for checking), ``"cuda_graph"`` (the static step captured once as a CUDA
-            graph and replayed; CUDA only) or ``"auto"`` (currently ``"fast"`` everywhere: the graphed step has
-            not been measured on a GPU yet). All compute the same function; ``"fast"`` falls back to the
-            decoder's own forward for a module it does not support, the others refuse one.
+        decode_step: how each step runs (see ``GenerationConfig.decode_step``): ``"fast"`` / ``"auto"`` (the
+            decoder's forward, eager), ``"static"`` (the same forward on a static cache, eager: for checking) or
+            ``"cuda_graph"`` (that static forward captured as CUDA graphs and replayed; CUDA only).
 
     Raises:
         ValueError: a bad parameter (named; :func:`~chameleon_lite.generation.sampling.check_generation_args`), an

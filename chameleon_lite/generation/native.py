@@ -15,14 +15,16 @@ Three layers, each usable alone:
    Temperature 0 means greedy (argmax); text and image codes have separate temperature / top-k / top-p
    (:class:`SamplingParams`).
 
-2. **Engine** (:func:`iter_generate_ids`, :func:`generate_ids`, in :mod:`chameleon_lite.generation.engine`
-   and re-exported here): one KV cache, left-padded batched prefill, one token per step for the whole batch through
-   the lean decode step of :mod:`chameleon_lite.generation.fast_decode`,
-   batched classifier-free guidance, seeded sampling.
+2. **Engine** (:func:`iter_generate_ids`, :func:`generate_ids`, in :mod:`chameleon_lite.generation.engine` and
+   re-exported
+   here): one KV cache, left-padded batched prefill, one token per step for the whole batch through the decoder's
+   own forward (:mod:`chameleon_lite.generation.fast_decode`), batched classifier-free guidance, seeded sampling.
 
 3. **High-level API** (:func:`generate`, :func:`stream`; ``ChameleonLite.generate`` / ``.stream`` delegate here):
    prompts made of strings and PIL images, built into the training formats of ``data/task_formats.py``, and
-   outputs decoded back to strings and PIL images.
+   outputs decoded back to strings and PIL images. Options come as one
+   :class:`~chameleon_lite.generation.config.GenerationConfig`; the arm is :class:`NativeGenerator` (the
+   :mod:`chameleon_lite.generation.generator` interface, which the baseline implements too).
 
 Prompt formats (decisions where the training formats leave a choice):
 
@@ -52,7 +54,9 @@ import torch
 from PIL import Image
 
 from chameleon_lite.data.task_formats import generation_prompt
+from chameleon_lite.generation.config import GenerationConfig
 from chameleon_lite.generation.engine import DEFAULT_MAX_NEW_TEXT_TOKENS, generate_ids, iter_generate_ids
+from chameleon_lite.generation.generator import PreparedGeneration, run_generate, run_stream, run_token_steps
 from chameleon_lite.generation.image_code_cache import ImageCodeCache
 from chameleon_lite.generation.sampling import (
     MODES,
@@ -63,7 +67,7 @@ from chameleon_lite.generation.sampling import (
     TopK,
     TopP,
     apply_processors,
-    check_generation_args,
+    check_stop_ids,
 )
 from chameleon_lite.tokenization.image_preprocessing import check_image
 
@@ -74,7 +78,7 @@ log = logging.getLogger(__name__)
 Segment = str | Image.Image
 
 
-def _normalise_prompts(prompts: Any) -> tuple[list[list[Segment]], bool]:
+def normalise_prompts(prompts: Any) -> tuple[list[list[Segment]], bool]:
     """-> (list of segment lists, whether the input was a single prompt)."""
     if isinstance(prompts, (str, Image.Image)):
         return [[prompts]], True
@@ -176,48 +180,53 @@ def ids_to_segments(ids: Sequence[int], bundle: Any, *, in_image: bool = False) 
 
 
 # ---------------------------------------------------------------------------------------------- high-level API
-def _prepare(model, prompts, mode, max_new_tokens, temperature, top_k, top_p, image_temperature, image_top_k,
-             image_top_p, cfg_scale, seed, stop_ids, code_cache, decode_step="auto"):
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} must be one of {MODES}")
-    sampling = SamplingParams(temperature, top_k, top_p, image_temperature, image_top_k, image_top_p)
-    bundle = model.bundle
-    if max_new_tokens is None:
-        max_new_tokens = bundle.image_tokens - 1 if mode == "image" else DEFAULT_MAX_NEW_TEXT_TOKENS
-    # the shared check (both arms, and the engine again): before any prompt image is encoded
-    seed, stop_ids, cfg_scale = check_generation_args(bundle.vocab, sampling=sampling, seed=seed, stop_ids=stop_ids,
-                                                      cfg_scale=cfg_scale, max_new_tokens=max_new_tokens)
-    if cfg_scale != 1 and mode != "image":
-        raise ValueError(f"cfg_scale={cfg_scale} needs mode='image' (guidance applies to image generation)")
-    batch, single = _normalise_prompts(prompts)
-    for i, p in enumerate(batch):  # every prompt is checked before any image of any prompt is encoded
-        check_segments(p, "prompt" if single else f"prompts[{i}]")
-    cache = code_cache if code_cache is not None else getattr(model, "image_code_cache", None)
-    ids = [build_prompt_ids(p, mode, bundle, cache, where=f"prompts[{i}]" if not single else "prompt")
-           for i, p in enumerate(batch)]  # all prompts are built (and so validated) before anything runs
-    steps = iter_generate_ids(model.decoder, bundle.vocab, bundle.image_grid, ids, mode=mode,
-                              max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids,
-                              cfg_scale=cfg_scale, use_eol=bundle.use_eol, decode_step=decode_step)
-    return steps, ids, single
+class NativeGenerator:
+    """The native arm's :class:`~chameleon_lite.generation.generator.Generator`: prompts of strings and images are
+    built into
+    the training formats, outputs decoded back to strings and images.
+
+    Args:
+        model: a ``ChameleonLite`` (anything with ``.decoder`` and ``.bundle``); its ``image_code_cache``
+            attribute (an :class:`ImageCodeCache`), when present, is used unless ``code_cache`` is given.
+        code_cache: codes of prompt images already encoded.
+    """
+
+    def __init__(self, model: Any, code_cache: ImageCodeCache | None = None) -> None:
+        self.model, self.bundle = model, model.bundle
+        self.code_cache = code_cache if code_cache is not None else getattr(model, "image_code_cache", None)
+
+    def prepare(self, prompts: Any, config: GenerationConfig) -> PreparedGeneration:
+        bundle, mode = self.bundle, config.mode
+        max_new_tokens = config.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = bundle.image_tokens - 1 if mode == "image" else DEFAULT_MAX_NEW_TEXT_TOKENS
+        # the vocabulary-dependent check (stop ids), before any prompt image is encoded
+        stop_ids = check_stop_ids(config.stop_ids, bundle.vocab)
+        batch, single = normalise_prompts(prompts)
+        for i, p in enumerate(batch):  # every prompt is checked before any image of any prompt is encoded
+            check_segments(p, "prompt" if single else f"prompts[{i}]")
+        ids = [build_prompt_ids(p, mode, bundle, self.code_cache, where=f"prompts[{i}]" if not single else "prompt")
+               for i, p in enumerate(batch)]  # all prompts are built (and so validated) before anything runs
+        steps = iter_generate_ids(self.model.decoder, bundle.vocab, bundle.image_grid, ids, mode=mode,
+                                  max_new_tokens=max_new_tokens, sampling=config.sampling, seed=config.seed,
+                                  stop_ids=sorted(stop_ids), cfg_scale=config.cfg_scale, use_eol=bundle.use_eol,
+                                  decode_step=config.decode_step)
+        return PreparedGeneration(steps, len(ids), single)
+
+    def decode(self, ids: Sequence[int], config: GenerationConfig) -> list[Segment]:
+        return ids_to_segments(ids, self.bundle, in_image=config.mode == "image")
+
+    def streamer(self, config: GenerationConfig) -> _SegmentStreamer:
+        return _SegmentStreamer(self.bundle, in_image=config.mode == "image")
 
 
 def generate(
     model: Any,
     prompts: Any,
+    config: GenerationConfig | None = None,
     *,
-    mode: str = "text",
-    max_new_tokens: int | None = None,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    image_temperature: float = 1.0,
-    image_top_k: int = 0,
-    image_top_p: float = 1.0,
-    cfg_scale: float = 1.0,
-    seed: int = 0,
-    stop_ids: Sequence[int] = (),
     code_cache: ImageCodeCache | None = None,
-    decode_step: str = "auto",
+    **options: Any,
 ) -> list[Segment] | list[list[Segment]]:
     """Generate text and/or images with a ``ChameleonLite`` (anything with ``.decoder`` and ``.bundle``).
 
@@ -226,32 +235,20 @@ def generate(
             unless ``code_cache`` is given.
         prompts: one prompt (a ``str``, a ``PIL.Image`` or a list of them) or a batch (a list of prompts at least
             one of which is a list/tuple).
-        mode: ``"text"``, ``"image"`` or ``"interleaved"`` (prompt formats: module docstring).
-        max_new_tokens: budget per prompt; default 64 for text/interleaved, exactly one image for ``"image"``.
-        temperature, top_k, top_p: text sampling (default greedy).
-        image_temperature, image_top_k, image_top_p: image-code sampling (default temperature 1).
-        cfg_scale: classifier-free guidance for ``mode="image"`` (``>= 1``).
-        seed: seed of this call's generator (an int in ``[0, 2**64 - 1]``).
-        stop_ids: extra ids that end a text (``<eos>`` always does); ints inside the vocabulary.
-        decode_step: ``"auto"`` / ``"fast"`` / ``"static"`` / ``"cuda_graph"`` (see :func:`generate_ids`).
+        config: a :class:`~chameleon_lite.generation.config.GenerationConfig` (mode, budget, sampling, guidance,
+            seed, stop ids, decode step; default greedy text).
+        options: fields of ``GenerationConfig`` (``mode="image"``, ``temperature=0.7``, ...) replacing those of
+            ``config``: a convenience, the config documents them.
 
     Returns:
         For one prompt its output segments (``str`` and ``PIL.Image``); for a batch one such list per prompt.
 
     Raises:
-        ValueError / TypeError naming the argument (``sampling.check_generation_args``: finite numbers, no bools,
-        an integer seed in range, integer stop ids inside the vocabulary; prompt images with both sides >= 1 and
-        an aspect ratio of at most 20). Everything is checked before anything runs.
+        ValueError / TypeError naming the argument (``GenerationConfig``'s checks; stop ids inside the vocabulary;
+        prompt images with both sides >= 1 and an aspect ratio of at most 20). Everything is checked before
+        anything runs.
     """
-    steps, ids, single = _prepare(model, prompts, mode, max_new_tokens, temperature, top_k, top_p,
-                                  image_temperature, image_top_k, image_top_p, cfg_scale, seed, stop_ids, code_cache,
-                                  decode_step)
-    new_ids: list[list[int]] = [[] for _ in ids]
-    for tokens, emitted in steps:
-        for b in torch.nonzero(emitted).flatten().tolist():
-            new_ids[b].append(int(tokens[b]))
-    outputs = [ids_to_segments(out, model.bundle, in_image=mode == "image") for out in new_ids]
-    return outputs[0] if single else outputs
+    return run_generate(NativeGenerator(model, code_cache), prompts, GenerationConfig.build(config, **options))
 
 
 class _SegmentStreamer:
@@ -302,31 +299,18 @@ class _SegmentStreamer:
 def stream(
     model: Any,
     prompts: Any,
+    config: GenerationConfig | None = None,
     *,
-    mode: str = "text",
-    max_new_tokens: int | None = None,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    image_temperature: float = 1.0,
-    image_top_k: int = 0,
-    image_top_p: float = 1.0,
-    cfg_scale: float = 1.0,
-    seed: int = 0,
-    stop_ids: Sequence[int] = (),
     code_cache: ImageCodeCache | None = None,
-    decode_step: str = "auto",
+    **options: Any,
 ) -> Iterator[Segment | tuple[int, Segment]]:
     """Like :func:`generate`, but yields output as it is produced.
 
     For one prompt it yields text pieces (``str`` deltas) and ``PIL.Image`` objects; for a batch it yields
     ``(prompt_index, piece)``. Joining consecutive text pieces gives exactly what :func:`generate` returns with
-    the same arguments. Arguments are validated when this is called, before the first item is requested.
+    the same config. Arguments are validated when this is called, before the first item is requested.
     """
-    steps, ids, single = _prepare(model, prompts, mode, max_new_tokens, temperature, top_k, top_p,
-                                  image_temperature, image_top_k, image_top_p, cfg_scale, seed, stop_ids, code_cache,
-                                  decode_step)
-    return _stream_pieces(model.bundle, steps, len(ids), single, mode == "image")
+    return run_stream(NativeGenerator(model, code_cache), prompts, GenerationConfig.build(config, **options))
 
 
 def token_steps(model, prompts: Any, *, max_new_tokens: int | None = None
@@ -334,19 +318,7 @@ def token_steps(model, prompts: Any, *, max_new_tokens: int | None = None
     """The engine's steps of greedy text generation: one ``(tokens (B,), emitted (B,) bool)`` per decoded position,
     the first after prompt building, image encoding and prefill (what ``comparison.evaluate.measure_latency``
     times). Arguments are checked as in :func:`generate`."""
-    steps, _, _ = _prepare(model, prompts, "text", max_new_tokens, 0.0, 0, 1.0, 1.0, 0, 1.0, 1.0, 0, (), None)
-    return steps
-
-
-def _stream_pieces(bundle, steps, n_rows: int, single: bool, in_image: bool) -> Iterator[Segment | tuple]:
-    streamers = [_SegmentStreamer(bundle, in_image) for _ in range(n_rows)]
-    for tokens, emitted in steps:
-        for b in torch.nonzero(emitted).flatten().tolist():
-            for piece in streamers[b].push(int(tokens[b])):
-                yield piece if single else (b, piece)
-    for b, streamer in enumerate(streamers):
-        for piece in streamer.close():
-            yield piece if single else (b, piece)
+    return run_token_steps(NativeGenerator(model), prompts, max_new_tokens)
 
 
 def join_stream(pieces: Sequence[Segment]) -> list[Segment]:
@@ -362,6 +334,8 @@ def join_stream(pieces: Sequence[Segment]) -> list[Segment]:
 
 __all__ = [
     "MODES",
+    "GenerationConfig",
+    "NativeGenerator",
     "ImageCodeCache",
     "LogitsProcessor",
     "ModalityConstraint",
@@ -376,6 +350,7 @@ __all__ = [
     "ids_to_segments",
     "iter_generate_ids",
     "join_stream",
+    "normalise_prompts",
     "stream",
     "token_steps",
 ]

@@ -90,6 +90,11 @@ class KVCache:
     remembers each cached token's document so packed/left-padded prompts keep their masks while decoding.
     A forward over ``T`` new tokens writes slots ``[length, length + T)`` in every layer and then the decoder
     calls :meth:`advance`. Keys are stored after RoPE (positions are baked in).
+
+    Static mode (:meth:`make_static`, after the prefill): the next slot is also kept as a 0-d device tensor
+    ``slot``, a forward takes one token per row, writes it at ``slot`` with ``index_copy_`` and attends over all
+    ``max_len`` slots under a mask, so every decode step has the same shapes and addresses (what a CUDA graph or
+    ``torch.compile(mode="reduce-overhead")`` needs). Eager decoding reads only the ``length + 1`` written slots.
     """
 
     def __init__(
@@ -107,7 +112,14 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.document_ids = torch.zeros(batch_size, max_len, device=device, dtype=torch.long)
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views (B, Hkv, max_len, hd)
+        self.slots = torch.arange(max_len, device=device)  # (max_len,) slot indices (static mode's mask)
         self.length = 0
+        self.weights: list[dict[str, torch.Tensor]] | None = None  # per-layer weight copies (Decoder.new_cache)
+        self.head_weights: dict[tuple[int, int], torch.Tensor] = {}  # output-head copies per column range
+        self.slot: torch.Tensor | None = None  # static mode: the next slot as a 0-d device tensor
+        self._visible: torch.Tensor | None = None  # decode mask (B, 1, 1, max_len); None: see _visible_ready
+        self._visible_ready = False
 
     @property
     def max_len(self) -> int:
@@ -118,8 +130,17 @@ class KVCache:
         return self.k.shape[1]
 
     def reset(self) -> None:
-        """Forget everything (the buffers are reused)."""
+        """Forget everything (the buffers are reused; static mode ends)."""
         self.length = 0
+        self.slot = None
+        self._visible_ready = False
+
+    def make_static(self) -> None:
+        """Enter static mode (see the class docstring); the cache must hold the prefilled prompt."""
+        if self.length < 1:
+            raise ValueError("a static KV cache needs a prefilled prompt (length >= 1)")
+        with torch.inference_mode(False):  # a plain tensor: callers may move it outside inference mode
+            self.slot = torch.tensor(self.length, device=self.k.device)
 
     def check_room(self, n_new: int) -> None:
         if self.length + n_new > self.max_len:
@@ -132,6 +153,7 @@ class KVCache:
         for an empty cache).
         """
         self.check_room(n_new)
+        self._visible_ready = False
         start, end = self.length, self.length + n_new
         if document_ids is None:
             if start == 0:
@@ -142,17 +164,44 @@ class KVCache:
             self.document_ids[:, start:end] = document_ids
         return self.document_ids[:, :end]
 
+    def decode_visibility(self) -> torch.Tensor | None:
+        """Which slots a new token that continues its row's last document may see, ``(B, 1, 1, max_len)`` bool, or
+        None when every slot is visible (no padding) and the cache is not static.
+
+        Computed once after the prompt: the remaining slots are recorded as that document too, so single-token
+        steps need not write document ids.
+        """
+        if not self._visible_ready:
+            length = self.length
+            row_document = self.document_ids[:, length - 1 : length]  # (B, 1)
+            self.document_ids[:, length:] = row_document
+            visible = self.document_ids == row_document  # (B, max_len)
+            self._visible = None if bool(visible.all()) else visible[:, None, None, :]
+            self._visible_ready = True
+        if self.slot is not None and self._visible is None:
+            self._visible = torch.ones(self.batch_size, 1, 1, self.max_len, dtype=torch.bool, device=self.k.device)
+        return self._visible
+
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k_new``/``v_new`` ``(B, n_kv_heads, T, head_dim)`` for ``layer``; return all keys/values so far."""
-        start, end = self.length, self.length + k_new.shape[2]
-        self.k[layer, :, :, start:end] = k_new
-        self.v[layer, :, :, start:end] = v_new
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, Hkv, end, hd)
+        """Write ``k_new``/``v_new`` ``(B, n_kv_heads, T, head_dim)`` for ``layer``; return the keys/values to attend
+        over: those written so far, or in static mode all ``max_len`` slots."""
+        k, v = self.layers[layer]  # (B, Hkv, max_len, hd)
+        if self.slot is not None:
+            where = self.slot.reshape(1)
+            k.index_copy_(2, where, k_new)
+            v.index_copy_(2, where, v_new)
+            return k, v
+        start, n = self.length, k_new.shape[2]
+        k.narrow(2, start, n).copy_(k_new)
+        v.narrow(2, start, n).copy_(v_new)
+        return k.narrow(2, 0, start + n), v.narrow(2, 0, start + n)  # (B, Hkv, length + T, hd)
 
     def advance(self, n_new: int) -> None:
         """Mark ``n_new`` more tokens as cached (called by the decoder after all layers wrote them)."""
         self.check_room(n_new)
         self.length += n_new
+        if self.slot is not None:
+            self.slot.add_(n_new)
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -243,6 +292,33 @@ def build_attention_mask(
     return AttentionMask("sdpa", sdpa_mask=mask)
 
 
+def cache_attention_mask(
+    backend: str, cache: KVCache, *, q_len: int, device: torch.device, document_ids: torch.Tensor | None = None
+) -> AttentionMask:
+    """Record a forward's new tokens in ``cache`` (their document ids) and build its mask.
+
+    One new token per row without ``document_ids`` (a decode step) continues its row's last document and reads
+    the mask kept by :meth:`KVCache.decode_visibility` (no mask at all without padding); in static mode the mask
+    also hides the slots after ``cache.slot``. Anything else goes through :func:`build_attention_mask`.
+    """
+    if q_len == 1 and document_ids is None and cache.length > 0:
+        cache.check_room(1)
+        visible = cache.decode_visibility()  # (B, 1, 1, max_len) or None
+        if cache.slot is not None:
+            return AttentionMask("sdpa", sdpa_mask=visible & (cache.slots <= cache.slot))  # (B, 1, 1, S)
+        if visible is None:
+            return AttentionMask("sdpa")  # every cached slot is visible
+        return AttentionMask("sdpa", sdpa_mask=visible[..., : cache.length + 1])  # (B, 1, 1, length + 1)
+    if cache.slot is not None:
+        raise ValueError("a static KV cache takes one new token per row and no document_ids per forward")
+    B, start = cache.batch_size, cache.length
+    all_document_ids = cache.append_document_ids(document_ids, q_len)  # (B, start + T)
+    if document_ids is not None or start > 0:  # a fresh single-document prefill stays plain causal
+        document_ids = all_document_ids
+    return build_attention_mask(backend, batch_size=B, q_len=q_len, device=device, document_ids=document_ids,
+                                cache=cache)
+
+
 def document_causal_block_mask(document_ids: torch.Tensor) -> Any:
     """A flex-attention ``BlockMask`` letting token ``q`` see token ``k`` iff ``k <= q`` and both share a document.
 
@@ -312,6 +388,11 @@ def attend(
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=mask.is_causal, dropout_p=dropout_p, enable_gqa=n_rep > 1
         )
+    if T_q == 1 and n_rep > 1 and mask.sdpa_mask.shape[1:3] == (1, 1):
+        # one query per row (decoding): fold each kv group's query heads into the query axis, no repeat_kv copy
+        y = F.scaled_dot_product_attention(q.reshape(B, H // n_rep, n_rep, hd), k, v, attn_mask=mask.sdpa_mask,
+                                           dropout_p=dropout_p)  # (B, H_kv, n_rep, hd)
+        return y.reshape(B, H, 1, hd)
     # with a mask the memory-efficient kernel may not support GQA: repeat kv heads explicitly
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, T_k, hd)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.sdpa_mask, dropout_p=dropout_p)

@@ -381,19 +381,19 @@ class ChameleonLite(nn.Module):
             cache = self.__dict__["_image_code_cache"] = ImageCodeCache()
         return cache
 
-    def generate(self, prompts: Any, **kwargs: Any) -> list:
+    def generate(self, prompts: Any, config: Any = None, **kwargs: Any) -> list:
         """Text and/or images for one prompt or a batch; see ``chameleon_lite.generation.native.generate`` for
         arguments."""
         from chameleon_lite.generation.native import generate
 
-        return generate(self, prompts, **kwargs)
+        return generate(self, prompts, config, **kwargs)
 
-    def stream(self, prompts: Any, **kwargs: Any) -> Any:
+    def stream(self, prompts: Any, config: Any = None, **kwargs: Any) -> Any:
         """Like ``generate`` but yields text pieces and images as they come
         (``chameleon_lite.generation.native.stream``)."""
         from chameleon_lite.generation.native import stream
 
-        return stream(self, prompts, **kwargs)
+        return stream(self, prompts, config, **kwargs)
 
     def token_steps(self, prompts: Any, *, max_new_tokens: int | None = None) -> Any:
         """The engine's steps of greedy text generation, one per decoded position
