@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=400, help="validation questions scored")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kinds", default=",".join(PAIR_KINDS), help="pair kinds to build, comma-separated")
+    parser.add_argument("--balance-yes-no", action="store_true", help="choose 'yes' and 'no' equally often")
     parser.add_argument("--run", action="append", default=[], help="NAME:ARGS (fit overrides for both arms)")
     args = parser.parse_args()
     raw, out = Path(args.raw), Path(args.out)
@@ -61,12 +62,14 @@ def main() -> None:
         if not model_dir:
             continue
         model = load_policy(model_dir).eval()
-        rows.append({"arm": arm, "run": "before", "kinds": args.kinds, **score(model, raw, args.questions, references)})
+        rows.append({"arm": arm, "run": "before", "kinds": args.kinds, "balanced": args.balance_yes_no,
+                     **score(model, raw, args.questions, references)})
         print(json.dumps(rows[-1]), flush=True)
         pairs_dir = out / arm / "pairs"
         started = time.perf_counter()
         pairs, summary = build_preference_pairs(
             raw, pairs=args.pairs + 64, seed=args.seed, kinds=args.kinds.split(","),
+            balance_yes_no=args.balance_yes_no,
             answer_fn=lambda images, questions: answer_questions(model, images, questions))
         write_preference_shards(pairs, pairs_dir, overwrite=True)
         print(f"{arm}: {summary} in {time.perf_counter() - started:.0f} s")
@@ -76,7 +79,8 @@ def main() -> None:
                                        pairs_glob=str(pairs_dir / f"{PAIRS_PREFIX}-*.tar"), pairs=args.pairs,
                                        seed=args.seed, extra=[*precision, *shlex.split(extra)], progress=False)
             tuned = load_policy(trained["model_dir"]).eval()
-            rows.append({"arm": arm, "run": name, "kinds": args.kinds, "seconds": round(trained["seconds"], 1),
+            rows.append({"arm": arm, "run": name, "kinds": args.kinds, "balanced": args.balance_yes_no,
+                         "seconds": round(trained["seconds"], 1),
                          "val_reward_accuracy": trained["validation"].get("val/reward_accuracy"),
                          **score(tuned, raw, args.questions, references)})
             print(json.dumps(rows[-1]), flush=True)

@@ -126,6 +126,16 @@ def test_kinds_restrict_the_pairs_and_fill_the_budget(world):
         build_preference_pairs(world, pairs=5, kinds=[])
 
 
+def test_balanced_yes_no_pairs_choose_yes_and_no_equally_often(world):
+    pairs, summary = build_preference_pairs(world, pairs=40, seed=0, kinds=["yes_no"], balance_yes_no=True)
+    chosen = [p.chosen for p in pairs]
+    assert abs(chosen.count("yes") - chosen.count("no")) <= 1
+    assert summary["chosen_yes_no"] == {"yes": chosen.count("yes"), "no": chosen.count("no")}
+    unbalanced, summary = build_preference_pairs(world, pairs=40, seed=0, kinds=["yes_no"])
+    assert summary["chosen_yes_no"]["yes"] + summary["chosen_yes_no"]["no"] == len(unbalanced) == 40
+    assert abs(summary["chosen_yes_no"]["yes"] - summary["chosen_yes_no"]["no"]) > 1  # this world leans "yes"
+
+
 def test_a_test_scene_among_the_training_shards_is_refused(world, tmp_path):
     import shutil
 

@@ -120,14 +120,16 @@ def _scene_of(meta: dict[str, Any], where: str) -> Scene:
 
 
 def build_preference_pairs(raw: str | os.PathLike, *, pairs: int, seed: int = 0, answer_fn: AnswerFn | None = None,
-                           batch_size: int = 32, kinds: Sequence[str] = PAIR_KINDS,
+                           batch_size: int = 32, kinds: Sequence[str] = PAIR_KINDS, balance_yes_no: bool = False,
                            ) -> tuple[list[PreferencePair], dict[str, Any]]:
     """Up to ``pairs`` preference pairs from ``raw/train`` (a shapes world directory with ``world.yaml``).
 
     ``answer_fn(images, questions) -> answers``: the arm's greedy answers, used for the rejected side of
     ``answer`` pairs where they are wrong (see the module docstring). ``kinds``: which of ``PAIR_KINDS`` to make
-    (all by default; the budget is then filled with those kinds only). Returns the pairs and a summary (counts by
-    kind and source, scenes used).
+    (all by default; the budget is then filled with those kinds only). ``balance_yes_no``: skip a yes/no pair
+    whose chosen answer is already the more frequent one, so "yes" and "no" are chosen equally often (the world's
+    binding questions are mostly answered "yes"). Returns the pairs and a summary (counts by kind and source,
+    scenes used, chosen yes/no).
     """
     if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
         raise ValueError(f"pairs must be a positive int, got {pairs!r}")
@@ -151,6 +153,7 @@ def build_preference_pairs(raw: str | os.PathLike, *, pairs: int, seed: int = 0,
     rng.shuffle(order)
 
     made: list[PreferencePair] = []
+    chosen_yes_no = dict.fromkeys(YES_NO, 0)
     pending: list[tuple[int, dict[str, Any]]] = []  # answer pairs whose rejected side may come from the arm
     for key in order:
         if len(made) >= pairs:
@@ -172,9 +175,11 @@ def build_preference_pairs(raw: str | os.PathLike, *, pairs: int, seed: int = 0,
                 break
             truth = normalize_answer(q["answer"])
             if truth in YES_NO:
-                if "yes_no" not in kinds:
+                other = YES_NO[1 - YES_NO.index(truth)]
+                if "yes_no" not in kinds or (balance_yes_no and chosen_yes_no[truth] > chosen_yes_no[other]):
                     continue
-                made.append(PreferencePair(q["image"], q["question"], truth, YES_NO[1 - YES_NO.index(truth)],
+                chosen_yes_no[truth] += 1
+                made.append(PreferencePair(q["image"], q["question"], truth, other,
                                            "yes_no", q["category"], "flipped", key))
                 continue
             others = sorted(answers.get(q["category"], set()) - {truth})
@@ -195,6 +200,7 @@ def build_preference_pairs(raw: str | os.PathLike, *, pairs: int, seed: int = 0,
         "pairs": len(made), "requested": pairs, "scenes": len({p.scene_key for p in made}),
         "by_kind": {k: sum(p.kind == k for p in made) for k in PAIR_KINDS},
         "by_source": {s: sum(p.source == s for p in made) for s in sorted({p.source for p in made})},
+        "chosen_yes_no": chosen_yes_no,
     }
     return made, summary
 
