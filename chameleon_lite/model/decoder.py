@@ -324,10 +324,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, T_k, hd)
         y = attend(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
-        shape = x.shape[:-1] + (H * hd,)  # (B, T, H hd) or (B T, H hd)
-        y = y.reshape(shape) if T == 1 else y.transpose(1, 2).reshape(shape)
         if prepared is None:
+            y = y.reshape(B, T, H * hd) if T == 1 else y.transpose(1, 2).reshape(B, T, H * hd)
             return project(y, [self.o_proj.weight])  # (B, T, d)
+        y = y.reshape(B, H * hd) if T == 1 else y.transpose(1, 2).reshape(B * T, H * hd)  # (B T, H hd)
         if residual is None:
             return torch.mm(y, prepared["o"])  # (B T, d)
         return torch.addmm(residual, y, prepared["o"])  # (B T, d)
@@ -391,17 +391,17 @@ class Block(nn.Module):
                 cache: KVCache | None = None, prepared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """``x`` ``(B, T, d)``; with ``prepared`` (this block's entry of a cache's weight copies, read while grad is
         off, see :func:`project`) ``x`` is ``(B T, d)``."""
-        drop = self.resid_dropout if self.training and self.dropout > 0 else _identity
-        if self.swin_norm:
-            attn, mlp = (self.attn, self.mlp) if prepared is None else (self.attn.forward, self.mlp.forward)
-            h = x + drop(rms_norm(attn(x, rope, mask, cache, prepared), self.attn_norm.weight, self.eps))
-            return h + drop(rms_norm(mlp(h, prepared), self.mlp_norm.weight, self.eps))
-        if prepared is not None and drop is _identity:
+        if prepared is not None and not self.swin_norm and not (self.training and self.dropout > 0):
             # pre-norm, inference: the norm weights are folded into the projections, their 1/rms scales the
             # products' outputs and the residual adds inside the output projections
             eps = prepared["eps"]
             h = self.attn.forward(x, rope, mask, cache, prepared, x, inv_rms(x, eps))
             return self.mlp.forward(h, prepared, h, inv_rms(h, eps))
+        drop = self.resid_dropout if self.training and self.dropout > 0 else _identity
+        if self.swin_norm:
+            attn, mlp = (self.attn, self.mlp) if prepared is None else (self.attn.forward, self.mlp.forward)
+            h = x + drop(rms_norm(attn(x, rope, mask, cache, prepared), self.attn_norm.weight, self.eps))
+            return h + drop(rms_norm(mlp(h, prepared), self.mlp_norm.weight, self.eps))
         if prepared is not None:  # pre-norm with residual dropout: the norm weights are folded in
             h = x + drop(self.attn.forward(rms_norm(x, None, self.eps), rope, mask, cache, prepared))
             return h + drop(self.mlp.forward(rms_norm(h, None, self.eps), prepared))
@@ -598,7 +598,8 @@ class Decoder(nn.Module):
                 weight = prepared[(lo, hi)] = prepare_weights([self.lm_head.weight[lo:hi]], self.norm.weight)
             stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             r = inv_rms(x, eps_tensor(self.norm.eps, x.device, stats_dtype))  # (..., 1)
-            logits = torch.matmul(x, weight).mul_(r)  # (..., hi - lo): 1/rms scales the (fewer) outputs
+            # (..., hi - lo): 1/rms scales the (fewer) outputs
+            logits = (torch.mm(x, weight) if x.dim() == 2 else torch.matmul(x, weight)).mul_(r)
         else:
             weight = self.lm_head.weight if (lo, hi) == (0, padded) else self.lm_head.weight[lo:hi]
             logits = F.linear(self.norm(x), weight)  # (..., hi - lo)
