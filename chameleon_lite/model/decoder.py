@@ -394,9 +394,9 @@ class Block(nn.Module):
         if prepared is not None and not self.swin_norm and not (self.training and self.dropout > 0):
             # pre-norm, inference: the norm weights are folded into the projections, their 1/rms scales the
             # products' outputs and the residual adds inside the output projections
-            eps = prepared["eps"]
-            h = self.attn.forward(x, rope, mask, cache, prepared, x, inv_rms(x, eps))
-            return self.mlp.forward(h, prepared, h, inv_rms(h, eps))
+            eps, modules = prepared["eps"], self._modules  # _modules: no nn.Module.__getattr__ per step
+            h = modules["attn"].forward(x, rope, mask, cache, prepared, x, inv_rms(x, eps))
+            return modules["mlp"].forward(h, prepared, h, inv_rms(h, eps))
         drop = self.resid_dropout if self.training and self.dropout > 0 else _identity
         if self.swin_norm:
             attn, mlp = (self.attn, self.mlp) if prepared is None else (self.attn.forward, self.mlp.forward)
@@ -490,7 +490,7 @@ class Decoder(nn.Module):
         """RoPE ``cos`` and signed ``sin`` (see :func:`apply_rotary`) of ``position_ids`` ``(B, T)``, each
         ``(B, 1, T, hd)`` (broadcast over heads), gathered from a table of every position below ``max_seq_len``
         (built once per device and dtype from ``self.rotary``, outside any inference mode so training can use it)."""
-        inv_freq = self.rotary.inv_freq
+        inv_freq = self._modules["rotary"]._buffers["inv_freq"]  # no nn.Module.__getattr__ per step
         key = (inv_freq.device, dtype, inv_freq.data_ptr(), inv_freq._version)
         if self._rope_table is None or self._rope_table[0] != key:
             with torch.inference_mode(False), torch.no_grad():
@@ -568,7 +568,9 @@ class Decoder(nn.Module):
             for block, prepared in zip(self.layers, cache.weights):
                 x = block.forward(x, rope, mask, cache, prepared)
             cache.advance(T)
-            return self.logits(x, columns, cache.head_weights).view(B, T, -1)
+            # the output head's copy pays off over many decode steps; a prefill reads the parameter itself (a
+            # copy of the whole head there costs more than its one product saves)
+            return self.logits(x, columns, cache.head_weights if T == 1 else None).view(B, T, -1)
         use_checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.layers:
             if use_checkpoint:
