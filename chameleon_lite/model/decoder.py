@@ -537,7 +537,7 @@ class Decoder(nn.Module):
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-            x = F.embedding(input_ids, self.embed_tokens.weight)  # (B, T, d)
+            x = torch.embedding(self._modules["embed_tokens"].weight, input_ids)  # (B, T, d); F.embedding's op
         else:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.d_model:
                 shape = tuple(inputs_embeds.shape)
@@ -565,12 +565,14 @@ class Decoder(nn.Module):
         if cache is not None and cache.weights is not None and not torch.is_grad_enabled():
             # inference with the cache's weight copies: (B T, d) rows, no module hooks to run
             x = x.reshape(B * T, -1)
-            for block, prepared in zip(self.layers, cache.weights):
+            for block, prepared in zip(self._modules["layers"], cache.weights):
                 x = block.forward(x, rope, mask, cache, prepared)
             cache.advance(T)
             # the output head's copy pays off over many decode steps; a prefill reads the parameter itself (a
             # copy of the whole head there costs more than its one product saves)
-            return self.logits(x, columns, cache.head_weights if T == 1 else None).view(B, T, -1)
+            if T > 1:
+                return self.logits(x, columns).view(B, T, -1)
+            return self.logits(x, columns, cache.head_weights, prepared["eps"]).view(B, T, -1)
         use_checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.layers:
             if use_checkpoint:
@@ -582,13 +584,15 @@ class Decoder(nn.Module):
         return self.logits(x, columns)
 
     def logits(self, x: torch.Tensor, columns: tuple[int, int] | None = None,
-               prepared: dict[tuple[int, int], torch.Tensor] | None = None) -> torch.Tensor:
+               prepared: dict[tuple[int, int], torch.Tensor] | None = None,
+               eps: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and output head of the last hidden states ``x`` ``(..., d)``: all padded columns, or only
         ``columns=(lo, hi)``.
 
         ``prepared`` (a cache's ``head_weights``, read while grad is off): the head rows of each ``columns`` value
         asked for are copied into it once, transposed and with the final norm's weight folded in (see
-        :func:`prepare_weights`), and read from there by later calls.
+        :func:`prepare_weights`), and read from there by later calls; ``eps``: the final norm's eps as a tensor
+        (:func:`eps_tensor`), made here when not given.
         """
         V, padded = self.config.vocab_size, self.config.padded_vocab_size
         lo, hi = (0, padded) if columns is None else columns
@@ -598,8 +602,10 @@ class Decoder(nn.Module):
             weight = prepared.get((lo, hi))
             if weight is None:
                 weight = prepared[(lo, hi)] = prepare_weights([self.lm_head.weight[lo:hi]], self.norm.weight)
-            stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            r = inv_rms(x, eps_tensor(self.norm.eps, x.device, stats_dtype))  # (..., 1)
+            if eps is None:
+                stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+                eps = eps_tensor(self.norm.eps, x.device, stats_dtype)
+            r = inv_rms(x, eps)  # (..., 1)
             # (..., hi - lo): 1/rms scales the (fewer) outputs
             logits = (torch.mm(x, weight) if x.dim() == 2 else torch.matmul(x, weight)).mul_(r)
         else:
