@@ -499,8 +499,8 @@ class Decoder(nn.Module):
                 half = self.config.head_dim // 2
                 sin_signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # (P, hd)
                 self._rope_table = (key, torch.cat((cos[0], sin_signed), dim=1))  # (P, 2 hd)
-        cos_sin = self._rope_table[1].index_select(0, position_ids.reshape(-1))  # (B T, 2 hd)
-        return cos_sin.view(position_ids.shape[0], 1, position_ids.shape[1], -1).chunk(2, dim=-1)  # (B, 1, T, hd)
+        cos_sin = torch.embedding(self._rope_table[1], position_ids)  # (B, T, 2 hd): a row gather, one op
+        return cos_sin.unsqueeze(1).chunk(2, dim=-1)  # (B, 1, T, hd) each
 
     # ------------------------------------------------------------------ forward
     def forward(
