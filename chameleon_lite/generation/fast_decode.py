@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from chameleon_lite.model.attention import KVCache
+from chameleon_lite.model.decoder import Decoder
 
 SERIAL_MAX_D_MODEL = 1024  # up to this width CPU decoding runs single-threaded (see decode_threads)
 
@@ -48,6 +49,9 @@ class DecodeStep:
         if cache.length < 1:
             raise ValueError("a decode step needs a prefilled cache (cache.length >= 1)")
         self.decoder, self.cache = decoder, cache
+        # a Decoder without hooks of its own is called through forward (no nn.Module.__call__ per step)
+        hooked = getattr(decoder, "_forward_hooks", None) or getattr(decoder, "_forward_pre_hooks", None)
+        self._forward = decoder.forward if isinstance(decoder, Decoder) and not hooked else decoder
         self.vocab_size = vocab_size or decoder.config.vocab_size
         if not 0 < self.vocab_size <= decoder.config.padded_vocab_size:
             raise ValueError(f"vocab_size={self.vocab_size} must lie in [1, {decoder.config.padded_vocab_size}]")
@@ -58,7 +62,7 @@ class DecodeStep:
         self, tokens: torch.Tensor, positions: torch.Tensor, columns: tuple[int, int] | None = None
     ) -> torch.Tensor:
         lo, hi = columns if columns is not None else (0, self.vocab_size)
-        logits = self.decoder(tokens[:, None], position_ids=positions[:, None], cache=self.cache, columns=(lo, hi))
+        logits = self._forward(tokens[:, None], position_ids=positions[:, None], cache=self.cache, columns=(lo, hi))
         return widen_logits(logits[:, 0], lo, self.vocab_size)  # (B, V)
 
 

@@ -221,6 +221,9 @@ class AttentionMask:
     flex_block_mask: Any = None
 
 
+_NO_MASK = AttentionMask("sdpa")  # shared by decode steps that see every cached slot (read only)
+
+
 def positions_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor:
     """Positions restarting at 0 at every document boundary: ``[[7,7,7,2,2]] -> [[0,1,2,0,1]]``, ``(B, T)``."""
     B, T = document_ids.shape
@@ -307,7 +310,7 @@ def cache_attention_mask(
         if cache.slot is not None:
             return AttentionMask("sdpa", sdpa_mask=visible & (cache.slots <= cache.slot))  # (B, 1, 1, S)
         if visible is None:
-            return AttentionMask("sdpa")  # every cached slot is visible
+            return _NO_MASK  # every cached slot is visible
         return AttentionMask("sdpa", sdpa_mask=visible[..., : cache.length + 1])  # (B, 1, 1, length + 1)
     if cache.slot is not None:
         raise ValueError("a static KV cache takes one new token per row and no document_ids per forward")

@@ -160,25 +160,37 @@ class RMSNorm(nn.Module):
 _EPS_TENSORS: dict[tuple, torch.Tensor] = {}
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm of ``x`` over its last axis, statistics in fp32 (fp64 for fp64 ``x``); ``weight=None`` leaves the
-    scale out (a caller that folded it into the next projection).
+def eps_tensor(eps: float, device: torch.device, stats_dtype: torch.dtype) -> torch.Tensor:
+    """``eps`` as a 0-d tensor (``addcmul`` takes no Python scalar as its base), made once per device and dtype
+    outside any inference mode."""
+    key = (eps, device, stats_dtype)
+    tensor = _EPS_TENSORS.get(key)
+    if tensor is None:
+        with torch.inference_mode(False):
+            tensor = _EPS_TENSORS[key] = torch.tensor(eps, device=device, dtype=stats_dtype)
+    return tensor
+
+
+def inv_rms(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """RMSNorm's ``rsqrt(mean(x^2) + eps)`` over the last axis of ``x``, ``(..., 1)`` in ``eps``'s dtype (the
+    statistics dtype, see :func:`rms_norm`; ``eps`` from :func:`eps_tensor`).
 
     ``mean(x^2)`` is computed as ``|x|^2 / d`` from one ``vector_norm``: three ops for the statistics instead of
     ``pow`` + ``sum`` + ``div`` + ``add`` + ``rsqrt`` (at decode sizes the per-op cost is the cost).
     """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=eps.dtype)  # (..., 1)
+    return torch.addcmul(eps, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()  # (..., 1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm of ``x`` over its last axis, statistics in fp32 (fp64 for fp64 ``x``); ``weight=None`` leaves the
+    scale out (a caller that folded it into the next projection). See :func:`inv_rms`."""
     stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stats_dtype)  # (..., 1)
-    key = (eps, norm.get_device(), stats_dtype)  # get_device: -1 on CPU, the index on an accelerator
-    eps_tensor = _EPS_TENSORS.get(key)
-    if eps_tensor is None:  # addcmul takes no Python scalar as its base
-        with torch.inference_mode(False):
-            eps_tensor = _EPS_TENSORS[key] = torch.tensor(eps, device=norm.device, dtype=stats_dtype)
-    inv_rms = torch.addcmul(eps_tensor, norm, norm, value=1.0 / x.shape[-1]).rsqrt()  # (..., 1)
+    r = inv_rms(x, eps_tensor(eps, x.device, stats_dtype))  # (..., 1)
     if x.dtype == stats_dtype:
-        y = x * inv_rms
+        y = x * r
         return y if weight is None else y * weight
-    y = (x.to(stats_dtype) * inv_rms).to(x.dtype)
+    y = (x.to(stats_dtype) * r).to(x.dtype)
     return y if weight is None else weight * y
 
 
@@ -278,15 +290,27 @@ class Attention(nn.Module):
         mask: AttentionMask,
         cache: KVCache | None = None,
         prepared: dict[str, torch.Tensor] | None = None,
+        residual: torch.Tensor | None = None,
+        x_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Self-attention of ``x`` ``(B, T, d)``; ``prepared``: see :func:`project`."""
-        B, T, _ = x.shape
+        """Self-attention of ``x`` ``(B, T, d)``, or with ``prepared`` (see :func:`project`) of ``x`` ``(B T, d)``.
+
+        With ``prepared`` only (inference): ``x_scale`` ``(B T, 1)`` multiplies the rows of ``x`` (a pre-norm
+        block's ``1/rms``, applied to the product's output: ``(r x) @ W == r (x @ W)`` for a per-row scalar), and
+        ``residual`` ``(B T, d)`` is added to the output in the output projection's ``addmm``.
+        """
+        B, _, T, _ = rope[0].shape  # (B, 1, T, hd)
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         if prepared is None:
             qkv = project(x, [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         else:
-            qkv = torch.matmul(x, prepared["qkv"])  # see project
-        qkv = qkv.view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2Hkv, T, hd)
+            qkv = torch.mm(x, prepared["qkv"])  # see project
+            if x_scale is not None:
+                qkv.mul_(x_scale)
+        if T == 1:  # (B, 1, H + 2Hkv, hd) and (B, H + 2Hkv, 1, hd) share one layout: one view op
+            qkv = qkv.view(B, H + 2 * Hkv, 1, hd)
+        else:
+            qkv = qkv.view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2Hkv, T, hd)
         qk, v = qkv.narrow(1, 0, H + Hkv), qkv.narrow(1, H + Hkv, Hkv)  # (B, H + Hkv, T, hd), (B, Hkv, T, hd)
         if self.qk_norm:
             if prepared is None:
@@ -300,10 +324,13 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, T_k, hd)
         y = attend(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, H hd)
         if prepared is None:
+            y = y.reshape(B, T, H * hd) if T == 1 else y.transpose(1, 2).reshape(B, T, H * hd)
             return project(y, [self.o_proj.weight])  # (B, T, d)
-        return torch.matmul(y, prepared["o"])
+        y = y.reshape(B, H * hd) if T == 1 else y.transpose(1, 2).reshape(B * T, H * hd)  # (B T, H hd)
+        if residual is None:
+            return torch.mm(y, prepared["o"])  # (B T, d)
+        return torch.addmm(residual, y, prepared["o"])  # (B T, d)
 
 
 class SwiGLU(nn.Module):
@@ -320,13 +347,21 @@ class SwiGLU(nn.Module):
         return {"gate_up": prepare_weights([self.gate_proj.weight, self.up_proj.weight], input_scale),
                 "down": prepare_weights([self.down_proj.weight])}
 
-    def forward(self, x: torch.Tensor, prepared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """``(B, T, d) -> (B, T, d)``; ``prepared``: see :func:`project`."""
+    def forward(self, x: torch.Tensor, prepared: dict[str, torch.Tensor] | None = None,
+                residual: torch.Tensor | None = None, x_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, T, d) -> (B, T, d)``; with ``prepared`` (see :func:`project`) ``(B T, d) -> (B T, d)``, and
+        ``residual``/``x_scale`` as in :meth:`Attention.forward`."""
         if prepared is None:
             gate, up = project(x, [self.gate_proj.weight, self.up_proj.weight]).chunk(2, dim=-1)  # (B, T, hidden)
             return project(F.silu(gate) * up, [self.down_proj.weight])  # (B, T, d)
-        gate, up = torch.matmul(x, prepared["gate_up"]).chunk(2, dim=-1)  # see project
-        return torch.matmul(F.silu(gate) * up, prepared["down"])
+        gate_up = torch.mm(x, prepared["gate_up"])  # (B T, 2 hidden), see project
+        if x_scale is not None:
+            gate_up.mul_(x_scale)
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = F.silu(gate).mul_(up)  # (B T, hidden)
+        if residual is None:
+            return torch.mm(hidden, prepared["down"])
+        return torch.addmm(residual, hidden, prepared["down"])  # (B T, d)
 
 
 class Block(nn.Module):
@@ -344,24 +379,34 @@ class Block(nn.Module):
 
     def prepare_weights(self) -> dict[str, torch.Tensor]:
         """This block's inference weight copies (see :func:`prepare_weights`); pre-norm folds the norm weights
-        into the projections that follow them."""
+        into the projections that follow them. ``"eps"``: the norms' eps as a tensor (see :func:`inv_rms`)."""
         attn_scale = None if self.swin_norm else self.attn_norm.weight
         mlp_scale = None if self.swin_norm else self.mlp_norm.weight
-        return {**self.attn.prepare_weights(attn_scale), **self.mlp.prepare_weights(mlp_scale)}
+        weight = self.attn_norm.weight
+        stats_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        return {**self.attn.prepare_weights(attn_scale), **self.mlp.prepare_weights(mlp_scale),
+                "eps": eps_tensor(self.eps, weight.device, stats_dtype)}
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, prepared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``x`` ``(B, T, d)``; with ``prepared`` (this block's entry of a cache's weight copies, read while grad is
+        off, see :func:`project`) ``x`` is ``(B T, d)``."""
+        if prepared is not None and not self.swin_norm and not (self.training and self.dropout > 0):
+            # pre-norm, inference: the norm weights are folded into the projections, their 1/rms scales the
+            # products' outputs and the residual adds inside the output projections
+            eps, modules = prepared["eps"], self._modules  # _modules: no nn.Module.__getattr__ per step
+            h = modules["attn"].forward(x, rope, mask, cache, prepared, x, inv_rms(x, eps))
+            return modules["mlp"].forward(h, prepared, h, inv_rms(h, eps))
         drop = self.resid_dropout if self.training and self.dropout > 0 else _identity
-        prepared = None  # the cache's weight copies, for inference only
-        if cache is not None and cache.weights is not None and not torch.is_grad_enabled():
-            prepared = cache.weights[self.layer_idx]
         if self.swin_norm:
-            h = x + drop(rms_norm(self.attn(x, rope, mask, cache, prepared), self.attn_norm.weight, self.eps))
-            return h + drop(rms_norm(self.mlp(h, prepared), self.mlp_norm.weight, self.eps))
-        # pre-norm; with prepared weights the norm weights are folded into the projections
-        attn_norm, mlp_norm = (None, None) if prepared is not None else (self.attn_norm.weight, self.mlp_norm.weight)
-        h = x + drop(self.attn(rms_norm(x, attn_norm, self.eps), rope, mask, cache, prepared))
-        return h + drop(self.mlp(rms_norm(h, mlp_norm, self.eps), prepared))
+            attn, mlp = (self.attn, self.mlp) if prepared is None else (self.attn.forward, self.mlp.forward)
+            h = x + drop(rms_norm(attn(x, rope, mask, cache, prepared), self.attn_norm.weight, self.eps))
+            return h + drop(rms_norm(mlp(h, prepared), self.mlp_norm.weight, self.eps))
+        if prepared is not None:  # pre-norm with residual dropout: the norm weights are folded in
+            h = x + drop(self.attn.forward(rms_norm(x, None, self.eps), rope, mask, cache, prepared))
+            return h + drop(self.mlp.forward(rms_norm(h, None, self.eps), prepared))
+        h = x + drop(self.attn(rms_norm(x, self.attn_norm.weight, self.eps), rope, mask, cache))
+        return h + drop(self.mlp(rms_norm(h, self.mlp_norm.weight, self.eps)))
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -445,7 +490,7 @@ class Decoder(nn.Module):
         """RoPE ``cos`` and signed ``sin`` (see :func:`apply_rotary`) of ``position_ids`` ``(B, T)``, each
         ``(B, 1, T, hd)`` (broadcast over heads), gathered from a table of every position below ``max_seq_len``
         (built once per device and dtype from ``self.rotary``, outside any inference mode so training can use it)."""
-        inv_freq = self.rotary.inv_freq
+        inv_freq = self._modules["rotary"]._buffers["inv_freq"]  # no nn.Module.__getattr__ per step
         key = (inv_freq.device, dtype, inv_freq.data_ptr(), inv_freq._version)
         if self._rope_table is None or self._rope_table[0] != key:
             with torch.inference_mode(False), torch.no_grad():
@@ -454,8 +499,8 @@ class Decoder(nn.Module):
                 half = self.config.head_dim // 2
                 sin_signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)  # (P, hd)
                 self._rope_table = (key, torch.cat((cos[0], sin_signed), dim=1))  # (P, 2 hd)
-        cos_sin = self._rope_table[1].index_select(0, position_ids.reshape(-1))  # (B T, 2 hd)
-        return cos_sin.view(position_ids.shape[0], 1, position_ids.shape[1], -1).chunk(2, dim=-1)  # (B, 1, T, hd)
+        cos_sin = torch.embedding(self._rope_table[1], position_ids)  # (B, T, 2 hd): a row gather, one op
+        return cos_sin.unsqueeze(1).chunk(2, dim=-1)  # (B, 1, T, hd) each
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -492,7 +537,7 @@ class Decoder(nn.Module):
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-            x = F.embedding(input_ids, self.embed_tokens.weight)  # (B, T, d)
+            x = torch.embedding(self._modules["embed_tokens"].weight, input_ids)  # (B, T, d); F.embedding's op
         else:
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.d_model:
                 shape = tuple(inputs_embeds.shape)
@@ -517,25 +562,37 @@ class Decoder(nn.Module):
             mask = cache_attention_mask(backend, cache, q_len=T, device=x.device, document_ids=document_ids)
         rope = self.rope(position_ids, x.dtype)  # (B, 1, T, hd) each
 
+        if cache is not None and cache.weights is not None and not torch.is_grad_enabled():
+            # inference with the cache's weight copies: (B T, d) rows, no module hooks to run
+            x = x.reshape(B * T, -1)
+            for block, prepared in zip(self._modules["layers"], cache.weights):
+                x = block.forward(x, rope, mask, cache, prepared)
+            cache.advance(T)
+            # the output head's copy pays off over many decode steps; a prefill reads the parameter itself (a
+            # copy of the whole head there costs more than its one product saves)
+            if T > 1:
+                return self.logits(x, columns).view(B, T, -1)
+            return self.logits(x, columns, cache.head_weights, prepared["eps"]).view(B, T, -1)
         use_checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.layers:
             if use_checkpoint:
                 x = checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache)
-        if cache is None:
-            return self.logits(x, columns)
-        cache.advance(T)
-        return self.logits(x, columns, cache.head_weights if cache.weights is not None else None)
+        if cache is not None:
+            cache.advance(T)
+        return self.logits(x, columns)
 
     def logits(self, x: torch.Tensor, columns: tuple[int, int] | None = None,
-               prepared: dict[tuple[int, int], torch.Tensor] | None = None) -> torch.Tensor:
+               prepared: dict[tuple[int, int], torch.Tensor] | None = None,
+               eps: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and output head of the last hidden states ``x`` ``(..., d)``: all padded columns, or only
         ``columns=(lo, hi)``.
 
         ``prepared`` (a cache's ``head_weights``, read while grad is off): the head rows of each ``columns`` value
         asked for are copied into it once, transposed and with the final norm's weight folded in (see
-        :func:`prepare_weights`), and read from there by later calls.
+        :func:`prepare_weights`), and read from there by later calls; ``eps``: the final norm's eps as a tensor
+        (:func:`eps_tensor`), made here when not given.
         """
         V, padded = self.config.vocab_size, self.config.padded_vocab_size
         lo, hi = (0, padded) if columns is None else columns
@@ -545,7 +602,12 @@ class Decoder(nn.Module):
             weight = prepared.get((lo, hi))
             if weight is None:
                 weight = prepared[(lo, hi)] = prepare_weights([self.lm_head.weight[lo:hi]], self.norm.weight)
-            logits = project(rms_norm(x, None, self.norm.eps), [], weight)  # (..., hi - lo)
+            if eps is None:
+                stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+                eps = eps_tensor(self.norm.eps, x.device, stats_dtype)
+            r = inv_rms(x, eps)  # (..., 1)
+            # (..., hi - lo): 1/rms scales the (fewer) outputs
+            logits = (torch.mm(x, weight) if x.dim() == 2 else torch.matmul(x, weight)).mul_(r)
         else:
             weight = self.lm_head.weight if (lo, hi) == (0, padded) else self.lm_head.weight[lo:hi]
             logits = F.linear(self.norm(x), weight)  # (..., hi - lo)
