@@ -160,9 +160,10 @@ class RMSNorm(nn.Module):
 _EPS_TENSORS: dict[tuple, torch.Tensor] = {}
 
 
-def eps_tensor(eps: float, device: torch.device, stats_dtype: torch.dtype) -> torch.Tensor:
-    """``eps`` as a 0-d tensor (``addcmul`` takes no Python scalar as its base), made once per device and dtype
-    outside any inference mode."""
+def eps_tensor(eps: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``eps`` as a 0-d tensor in the statistics dtype of ``dtype`` (fp64 for fp64, else fp32; ``addcmul`` takes no
+    Python scalar as its base), made once per device and dtype outside any inference mode."""
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     key = (eps, device, stats_dtype)
     tensor = _EPS_TENSORS.get(key)
     if tensor is None:
@@ -185,8 +186,8 @@ def inv_rms(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm of ``x`` over its last axis, statistics in fp32 (fp64 for fp64 ``x``); ``weight=None`` leaves the
     scale out (a caller that folded it into the next projection). See :func:`inv_rms`."""
-    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    r = inv_rms(x, eps_tensor(eps, x.device, stats_dtype))  # (..., 1)
+    r = inv_rms(x, eps_tensor(eps, x.device, x.dtype))  # (..., 1) in the statistics dtype
+    stats_dtype = r.dtype
     if x.dtype == stats_dtype:
         y = x * r
         return y if weight is None else y * weight
@@ -383,9 +384,8 @@ class Block(nn.Module):
         attn_scale = None if self.swin_norm else self.attn_norm.weight
         mlp_scale = None if self.swin_norm else self.mlp_norm.weight
         weight = self.attn_norm.weight
-        stats_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         return {**self.attn.prepare_weights(attn_scale), **self.mlp.prepare_weights(mlp_scale),
-                "eps": eps_tensor(self.eps, weight.device, stats_dtype)}
+                "eps": eps_tensor(self.eps, weight.device, weight.dtype)}
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                 cache: KVCache | None = None, prepared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -572,7 +572,7 @@ class Decoder(nn.Module):
             # copy of the whole head there costs more than its one product saves)
             if T > 1:
                 return self.logits(x, columns).view(B, T, -1)
-            return self.logits(x, columns, cache.head_weights, prepared["eps"]).view(B, T, -1)
+            return self.logits(x, columns, cache.head_weights).view(B, T, -1)
         use_checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.layers:
             if use_checkpoint:
@@ -584,15 +584,13 @@ class Decoder(nn.Module):
         return self.logits(x, columns)
 
     def logits(self, x: torch.Tensor, columns: tuple[int, int] | None = None,
-               prepared: dict[tuple[int, int], torch.Tensor] | None = None,
-               eps: torch.Tensor | None = None) -> torch.Tensor:
+               prepared: dict[tuple[int, int], torch.Tensor] | None = None) -> torch.Tensor:
         """Final norm and output head of the last hidden states ``x`` ``(..., d)``: all padded columns, or only
         ``columns=(lo, hi)``.
 
         ``prepared`` (a cache's ``head_weights``, read while grad is off): the head rows of each ``columns`` value
         asked for are copied into it once, transposed and with the final norm's weight folded in (see
-        :func:`prepare_weights`), and read from there by later calls; ``eps``: the final norm's eps as a tensor
-        (:func:`eps_tensor`), made here when not given.
+        :func:`prepare_weights`), and read from there by later calls.
         """
         V, padded = self.config.vocab_size, self.config.padded_vocab_size
         lo, hi = (0, padded) if columns is None else columns
@@ -602,10 +600,7 @@ class Decoder(nn.Module):
             weight = prepared.get((lo, hi))
             if weight is None:
                 weight = prepared[(lo, hi)] = prepare_weights([self.lm_head.weight[lo:hi]], self.norm.weight)
-            if eps is None:
-                stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-                eps = eps_tensor(self.norm.eps, x.device, stats_dtype)
-            r = inv_rms(x, eps)  # (..., 1)
+            r = inv_rms(x, eps_tensor(self.norm.eps, x.device, x.dtype))  # (..., 1)
             # (..., hi - lo): 1/rms scales the (fewer) outputs
             logits = (torch.mm(x, weight) if x.dim() == 2 else torch.matmul(x, weight)).mul_(r)
         else:
