@@ -16,6 +16,7 @@ from chameleon_lite.eval.understanding import (
     held_out_accuracy,
     is_correct,
     majority_chance,
+    pope_by_held_out,
     pope_metrics,
     reference_answers_from_shards,
     summarize_qa,
@@ -113,6 +114,25 @@ def test_held_out_vs_seen():
     assert result["by_category"]["color"]["seen"] == {"correct": 0, "total": 1, "accuracy": 0.0}
 
 
+def test_pope_by_held_out_scores_each_group_alone():
+    e = "existence"
+    records = [
+        rec("no", "yes", e, "positive", held_out=True),  # a new combo denied: fn
+        rec("yes", "yes", e, "positive", held_out=True),  # tp
+        rec("no", "no", e, "random", held_out=True),  # tn
+        rec("yes", "yes", e, "positive", held_out=False),  # tp
+        rec("yes", "no", e, "adversarial", held_out=False),  # an absent object confirmed: fp
+        rec("yes", "no", e, "popular", held_out=None),  # unknown: left out
+        rec("yes", "no", "negation", held_out=False),  # another category: ignored
+    ]
+    result = pope_by_held_out(records)
+    assert {k: (v["tp"], v["fp"], v["tn"], v["fn"]) for k, v in result.items()} == {
+        "seen": (1, 1, 0, 0), "held_out": (1, 0, 1, 1)}
+    assert result["held_out"]["recall"] == 0.5 and result["seen"]["precision"] == 0.5
+    assert pope_by_held_out([r for r in records if r.held_out is not True]).keys() == {"seen"}
+    assert summarize_qa(records)["pope_held_out"] == result
+
+
 def test_majority_chance():
     reference = answers_by_category(
         [("count", "2"), ("count", "2"), ("count", "3"), ("count", "1"), ("existence", "yes"), ("existence", "No")]
@@ -147,7 +167,7 @@ def test_record_validation_and_round_trip():
 
 def test_summary_serialises_to_json():
     summary = summarize_qa(_pope_records(), reference_answers={"existence": ["yes", "no", "no"]})
-    assert set(summary) == {"overall", "by_category", "pope", "held_out", "chance"}
+    assert set(summary) == {"overall", "by_category", "pope", "pope_held_out", "held_out", "chance"}
     assert json.loads(json.dumps(summary)) == summary
 
 

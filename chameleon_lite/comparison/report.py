@@ -115,12 +115,17 @@ def _qa_table(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+HELD_OUT_SCENES = {"seen": "scenes of seen combos", "held_out": "scenes with a held-out combo"}
+
+
 def _pope_table(metrics: dict[str, Any]) -> list[str]:
     arms = list(metrics["arms"])
     lines = ["| arm | negatives | precision | recall | F1 | yes-rate | n |", "|---|---|---|---|---|---|---|"]
     for arm in arms:
         pope = metrics["arms"][arm]["per_seed"][0]["qa"]["pope"]
-        for kind, s in pope.items():
+        by_scene = metrics["arms"][arm]["per_seed"][0]["qa"].get("pope_held_out", {})
+        rows = [*pope.items(), *((f"all, {HELD_OUT_SCENES[k]}", s) for k, s in by_scene.items())]
+        for kind, s in rows:
             lines.append(f"| {arm} | {kind} | {_pct(s['precision'])} | {_pct(s['recall'])} | {_pct(s['f1'])} | "
                          f"{_pct(s['yes_rate'])} | {s['total']} |")
     return lines
@@ -166,6 +171,11 @@ def _stage3_lines(metrics: dict[str, Any]) -> list[str]:
         row(f"POPE {name} %", f"qa.pope.all.{key}",
             (lambda q: f"tp {q['pope']['all']['tp']} fp {q['pope']['all']['fp']} tn {q['pope']['all']['tn']} "
                        f"fn {q['pope']['all']['fn']}") if key == "yes_rate" else None)
+    for group, name in HELD_OUT_SCENES.items():  # the pooled F1 mixes denying new combos with confirming absent ones
+        if all(group in first[a]["qa"].get("pope_held_out", {}) for a in arms):
+            row(f"POPE F1 %, {name}", f"qa.pope_held_out.{group}.f1",
+                lambda q, g=group: f"fp {q['pope_held_out'][g]['fp']} fn {q['pope_held_out'][g]['fn']} "
+                                   f"of {q['pope_held_out'][g]['total']}")
     row("captions BLEU-4", "captioning.bleu_4")
     row("captions CIDEr-D", "captioning.cider_d", scale=1, digits=3)
     return lines

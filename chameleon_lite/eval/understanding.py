@@ -17,9 +17,11 @@ Notable choices:
   ``chameleon_lite.world.language.POPE_NEGATIVE_TYPES``) is scored on **all positive questions plus the
   negatives of that type**; ``all`` pools every existence question. Precision/recall/F1 with no predicted
   (or no actual) positives are 0, not undefined.
-- **Held-out vs seen** (``held_out_accuracy``): ``QARecord.held_out`` says whether the sample is about a
-  compositional held-out case (for the shapes world: the scene contains a held-out (colour, shape) combo,
-  the shard metadata ``held_out`` list is non-empty). Records with ``held_out=None`` are left out.
+- **Held-out vs seen** (``held_out_accuracy``, ``pope_by_held_out``): ``QARecord.held_out`` says whether the
+  sample is about a compositional held-out case (for the shapes world: the scene contains a held-out (colour,
+  shape) combo, the shard metadata ``held_out`` list is non-empty). Records with ``held_out=None`` are left out.
+  POPE is also scored on each group alone: a model that never saw a held-out combo may deny one that is there
+  (a false "no") while it no longer confirms absent objects (a false "yes"), and the pooled F1 mixes the two.
 - **Chance = majority answer** (``majority_chance``): per category, the most frequent normalised answer of a
   reference list (e.g. the training answers of that category; ties go to the alphabetically first answer)
   and the accuracy that always answering it scores, on the evaluated records when given, else on the
@@ -44,6 +46,7 @@ __all__ = [
     "answers_by_category",
     "evaluate_qa_shards",
     "held_out_accuracy",
+    "pope_by_held_out",
     "is_correct",
     "majority_chance",
     "pope_metrics",
@@ -174,6 +177,14 @@ def pope_metrics(records: Iterable[QARecord], category: str = EXISTENCE_CATEGORY
 # ------------------------------------------------------------------------------- held out, chance
 
 
+def pope_by_held_out(records: Iterable[QARecord], category: str = EXISTENCE_CATEGORY) -> dict[str, dict[str, Any]]:
+    """POPE scores (as ``pope_metrics``' ``all``) of the ``category`` records in ``seen`` and ``held_out`` scenes
+    separately; a group without records is omitted, and records with ``held_out=None`` are left out."""
+    existence = [r for r in records if r.category == category and r.held_out is not None]
+    groups = {"seen": [r for r in existence if not r.held_out], "held_out": [r for r in existence if r.held_out]}
+    return {name: _pope_scores(group) for name, group in groups.items() if group}
+
+
 def held_out_accuracy(records: Iterable[QARecord]) -> dict[str, Any]:
     """Accuracy on compositional held-out vs seen records, overall and per category.
 
@@ -246,12 +257,13 @@ def majority_chance(
 def summarize_qa(
     records: Sequence[QARecord], reference_answers: Mapping[str, Iterable[str]] | None = None
 ) -> dict[str, Any]:
-    """Everything above in one JSON-ready dict: ``overall``, ``by_category``, ``pope``, ``held_out`` and, with
-    ``reference_answers``, ``chance`` (majority answer on these records)."""
+    """Everything above in one JSON-ready dict: ``overall``, ``by_category``, ``pope``, ``pope_held_out``,
+    ``held_out`` and, with ``reference_answers``, ``chance`` (majority answer on these records)."""
     summary: dict[str, Any] = {
         "overall": accuracy(records),
         "by_category": accuracy_by_category(records),
         "pope": pope_metrics(records),
+        "pope_held_out": pope_by_held_out(records),
         "held_out": held_out_accuracy(records),
     }
     if reference_answers is not None:
