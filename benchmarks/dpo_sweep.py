@@ -24,6 +24,8 @@ from chameleon_lite.comparison.training import train_preference
 from chameleon_lite.eval.understanding import reference_answers_from_shards
 from chameleon_lite.training.lit_preference import load_policy
 from chameleon_lite.world.preference_pairs import (
+    EXTRA_EXISTENCE,
+    EXTRA_NEGATIVE_TYPES,
     PAIR_KINDS,
     PAIRS_PREFIX,
     build_preference_pairs,
@@ -37,8 +39,11 @@ def score(model, raw: Path, questions: int, references) -> dict:
     qa = evaluate_qa(model, str(raw / "val" / "qa-*.tar"), limit=questions, reference_answers=references,
                      progress=False)
     pope = qa["pope"].get("all", {})
+    # false "yes" answers per POPE negative type: which absent objects the arm still confirms
+    false_yes = {t: qa["pope"][t]["fp"] for t in ("random", "popular", "adversarial") if t in qa["pope"]}
     return {"qa": qa["overall"]["accuracy"], **{c: qa["by_category"].get(c, {}).get("accuracy") for c in CATEGORIES},
-            "pope_f1": pope.get("f1"), "yes_rate": pope.get("yes_rate")}
+            "pope_f1": pope.get("f1"), "yes_rate": pope.get("yes_rate"),
+            "pope_counts": {k: pope.get(k) for k in ("tp", "fp", "tn", "fn", "invalid")}, "false_yes": false_yes}
 
 
 def main() -> None:
@@ -52,6 +57,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kinds", default=",".join(PAIR_KINDS), help="pair kinds to build, comma-separated")
     parser.add_argument("--balance-yes-no", action="store_true", help="choose 'yes' and 'no' equally often")
+    parser.add_argument("--extra-existence", type=int, default=EXTRA_EXISTENCE,
+                        help="per scene, this many more existence questions asked of its ground truth (0: none)")
+    parser.add_argument("--negative-types", default=",".join(EXTRA_NEGATIVE_TYPES),
+                        help="POPE types of the extra questions' absent objects, comma-separated")
+    parser.add_argument("--negated-twins", action="store_true",
+                        help="follow each extra existence question with its negated twin")
+    parser.add_argument("--skip-before", action="store_true", help="do not score the models before tuning")
     parser.add_argument("--run", action="append", default=[], help="NAME:ARGS (fit overrides for both arms)")
     args = parser.parse_args()
     raw, out = Path(args.raw), Path(args.out)
@@ -62,14 +74,16 @@ def main() -> None:
         if not model_dir:
             continue
         model = load_policy(model_dir).eval()
-        rows.append({"arm": arm, "run": "before", "kinds": args.kinds, "balanced": args.balance_yes_no,
-                     **score(model, raw, args.questions, references)})
-        print(json.dumps(rows[-1]), flush=True)
+        if not args.skip_before:
+            rows.append({"arm": arm, "run": "before", "kinds": args.kinds, "balanced": args.balance_yes_no,
+                         **score(model, raw, args.questions, references)})
+            print(json.dumps(rows[-1]), flush=True)
         pairs_dir = out / arm / "pairs"
         started = time.perf_counter()
         pairs, summary = build_preference_pairs(
             raw, pairs=args.pairs + 64, seed=args.seed, kinds=args.kinds.split(","),
-            balance_yes_no=args.balance_yes_no,
+            balance_yes_no=args.balance_yes_no, extra_existence=args.extra_existence,
+            negative_types=args.negative_types.split(","), negated_twins=args.negated_twins,
             answer_fn=lambda images, questions: answer_questions(model, images, questions))
         write_preference_shards(pairs, pairs_dir, overwrite=True)
         print(f"{arm}: {summary} in {time.perf_counter() - started:.0f} s")
@@ -80,7 +94,8 @@ def main() -> None:
                                        seed=args.seed, extra=[*precision, *shlex.split(extra)], progress=False)
             tuned = load_policy(trained["model_dir"]).eval()
             rows.append({"arm": arm, "run": name, "kinds": args.kinds, "balanced": args.balance_yes_no,
-                         "seconds": round(trained["seconds"], 1),
+                         "extra_existence": args.extra_existence, "negative_types": args.negative_types,
+                         "negated_twins": args.negated_twins, "seconds": round(trained["seconds"], 1),
                          "val_reward_accuracy": trained["validation"].get("val/reward_accuracy"),
                          **score(tuned, raw, args.questions, references)})
             print(json.dumps(rows[-1]), flush=True)
@@ -89,11 +104,12 @@ def main() -> None:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     cols = ["qa", *CATEGORIES, "pope_f1", "yes_rate"]
-    print("| arm | run | " + " | ".join(cols) + " | train s |")
-    print("|---|---|" + "---|" * (len(cols) + 1))
+    print("| arm | run | " + " | ".join(cols) + " | false yes: random / popular / adversarial | train s |")
+    print("|---|---|" + "---|" * (len(cols) + 2))
     for r in rows:
         cells = ["–" if r.get(c) is None else f"{100 * r[c]:.1f}" for c in cols]
-        print(f"| {r['arm']} | {r['run']} | " + " | ".join(cells) + f" | {r.get('seconds', '')} |")
+        false_yes = " / ".join(str(r["false_yes"].get(t, "–")) for t in ("random", "popular", "adversarial"))
+        print(f"| {r['arm']} | {r['run']} | " + " | ".join(cells) + f" | {false_yes} | {r.get('seconds', '')} |")
 
 
 if __name__ == "__main__":

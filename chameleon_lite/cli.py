@@ -131,7 +131,10 @@ def _data_preference_pairs(args: argparse.Namespace) -> int:
         def answer_fn(images, questions):
             return answer_questions(model, images, questions)
 
-    pairs, summary = build_preference_pairs(args.raw, pairs=args.pairs, seed=args.seed, answer_fn=answer_fn)
+    options = {"extra_existence": args.extra_existence, "negated_twins": args.negated_twins,
+               "negative_types": args.negative_types.split(",") if args.negative_types else None}
+    pairs, summary = build_preference_pairs(args.raw, pairs=args.pairs, seed=args.seed, answer_fn=answer_fn,
+                                            **{k: v for k, v in options.items() if v is not None})
     written = write_preference_shards(pairs, args.out, overwrite=args.overwrite)
     print(f"{len(pairs)} preference pairs in {len(written)} shard(s) -> {args.out}: {json.dumps(summary)}")
     return 0
@@ -396,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        "rejected side of non-yes/no questions (on-policy); without it a wrong answer "
                                        "is drawn from the category's answers")
     prefs.add_argument("--seed", type=int, default=0, help="scene order and perturbations")
+    prefs.add_argument("--extra-existence", type=int,
+                       help="per scene, this many more existence questions asked of its ground truth (default 4, "
+                            "the shipped recipe; 0 = only the split's own questions)")
+    prefs.add_argument("--negative-types",
+                       help="POPE types of those questions' absent objects, comma-separated (default: adversarial)")
+    prefs.add_argument("--negated-twins", action="store_true",
+                       help="follow each extra existence question with its negated twin ('... there is no ...?')")
     prefs.add_argument("--overwrite", action="store_true", help="replace prefs shards this command wrote before")
     prefs.set_defaults(func=_data_preference_pairs)
     ev = sub.add_parser("eval-tokenizer", help="measure a bundle's image tokenizer on image shards")

@@ -45,8 +45,8 @@ def _config(toy: Path, path: Path) -> Path:
                      "stage1_overrides": [*VIT, *baseline_decoder, "--data.init_args.batch_size=4", *QUIET],
                      "stage2_overrides": [*VIT, *baseline_decoder, "--data.init_args.batch_size=4", *QUIET]},
         "eval": {"qa_questions": 12, "captions": 4, "text_to_image": 3, "cfg_scale": 2.0, "batch_size": 8},
-        "stage3": {"pairs": 12, "val_pairs": 4, "overrides": ["--data.init_args.batch_size=4",
-                                                               "--trainer.limit_val_batches=1"]},
+        "stage3": {"pairs": 12, "val_pairs": 4, "extra_existence": 2, "negative_types": ["adversarial"],
+                   "overrides": ["--data.init_args.batch_size=4", "--trainer.limit_val_batches=1"]},
     }
     OmegaConf.save(OmegaConf.create(config), path)
     return path
@@ -81,6 +81,7 @@ def test_compare_on_a_toy_budget_writes_a_complete_report(toy, tmp_path, monkeyp
         s3 = run["stage3"]  # DPO from this arm's model, on 12 pairs of training scenes, then evaluated again
         assert s3["training"]["pairs_seen"] == 12 and s3["training"]["steps"] == 3
         assert s3["pairs"]["pairs"] == 16 and sum(s3["pairs"]["by_kind"].values()) == 16
+        assert s3["pairs"]["by_source"]["asked"] >= 2  # the extra existence questions reach the pairs
         assert s3["after"]["qa"]["overall"]["total"] == 12 and "records" not in s3["after"]["qa"]
         assert "stage3.after.qa.overall.accuracy" in summary
         assert Path(s3["training"]["model_dir"]).is_dir() and s3["training"]["model_dir"] != run["model_dir"]
@@ -301,3 +302,13 @@ def test_shipped_comparisons_have_matched_decoders_and_a_mismatch_is_refused_bef
     cfg = load_compare_config(path, ["native.overrides=[--model.init_args.model.n_layers=7]"])
     with pytest.raises(CompareConfigError, match="n_layers: native 7 vs baseline"):
         check_matched_decoders(cfg)
+
+
+def test_stage3_pair_options_keep_the_pair_builders_recipe_unless_set():
+    from chameleon_lite.comparison.config import PreferenceStage
+
+    assert PreferenceStage().pair_options() == {"negated_twins": False}  # build_preference_pairs' own defaults
+    assert PreferenceStage(extra_existence=0, negative_types=["random"]).pair_options() == {
+        "extra_existence": 0, "negative_types": ["random"], "negated_twins": False}
+    with pytest.raises(ValueError, match="extra_existence"):
+        PreferenceStage(extra_existence=-1)

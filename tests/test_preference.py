@@ -127,13 +127,56 @@ def test_kinds_restrict_the_pairs_and_fill_the_budget(world):
 
 
 def test_balanced_yes_no_pairs_choose_yes_and_no_equally_often(world):
-    pairs, summary = build_preference_pairs(world, pairs=40, seed=0, kinds=["yes_no"], balance_yes_no=True)
+    pairs, summary = build_preference_pairs(world, pairs=40, seed=0, kinds=["yes_no"], balance_yes_no=True,
+                                            extra_existence=0)
     chosen = [p.chosen for p in pairs]
     assert abs(chosen.count("yes") - chosen.count("no")) <= 1
     assert summary["chosen_yes_no"] == {"yes": chosen.count("yes"), "no": chosen.count("no")}
-    unbalanced, summary = build_preference_pairs(world, pairs=40, seed=0, kinds=["yes_no"])
+    unbalanced, summary = build_preference_pairs(world, pairs=40, seed=0, kinds=["yes_no"], extra_existence=0)
     assert summary["chosen_yes_no"]["yes"] + summary["chosen_yes_no"]["no"] == len(unbalanced) == 40
     assert abs(summary["chosen_yes_no"]["yes"] - summary["chosen_yes_no"]["no"]) > 1  # this world leans "yes"
+
+
+def test_extra_existence_pairs_are_true_balanced_and_of_the_asked_type(world):
+    from chameleon_lite.world.shapes_world import load_world_spec
+
+    spec = load_world_spec(world)
+    held_out = set(spec.split().held_out)
+    pairs, summary = build_preference_pairs(world, pairs=200, seed=0, extra_existence=4,
+                                            negative_types=["adversarial"])
+    scenes = {}
+    for s in (world / "train").glob("pairs-*.tar"):
+        with tarfile.open(s) as tar:
+            for m in tar:
+                if m.name.endswith(".json"):
+                    scenes[m.name.split(".")[0]] = Scene.from_dict(json.load(tar.extractfile(m))["scene"])
+    asked = [p for p in pairs if p.source == "asked"]
+    assert asked and summary["by_source"]["asked"] == len(asked)
+    assert sum(p.chosen == "yes" for p in asked) == sum(p.chosen == "no" for p in asked)  # couples
+    for p in asked:
+        scene = scenes[p.scene_key]
+        color, shape = next((c, s) for c in spec.world.colors for s in spec.world.shapes
+                            if f" {c} {s}" in p.prompt)
+        present = (color, shape) in scene.combos()
+        assert p.kind == "yes_no" and p.category == "existence" and (color, shape) not in held_out
+        assert p.chosen == ("yes" if present else "no") and p.rejected != p.chosen
+        if not present:  # adversarial: shares a colour or a shape with an object in the scene
+            assert any(o.color == color or o.shape == shape for o in scene.objects)
+    twins, _ = build_preference_pairs(world, pairs=200, seed=0, extra_existence=2, negated_twins=True)
+    asked = [p for p in twins if p.source == "asked"]
+    assert [p.category for p in asked[:4]] == ["existence", "negation"] * 2
+    for question, twin in zip(asked[::2], asked[1::2]):  # the twin asks about the same combo, answered the other way
+        assert "there is no" in twin.prompt or "has no" in twin.prompt
+        combo = question.prompt.replace(" in the image", "").rstrip("?").split()[-2:]
+        assert twin.prompt.rstrip("?").split()[-2:] == combo
+        assert twin.chosen == question.rejected and twin.scene_key == question.scene_key
+    plain, _ = build_preference_pairs(world, pairs=200, seed=0, extra_existence=0)  # the split's questions only
+    assert not any(p.source == "asked" for p in plain)
+    shipped, _ = build_preference_pairs(world, pairs=200, seed=0)  # the defaults: the recipe chosen on validation
+    assert [(p.prompt, p.chosen) for p in shipped if p.source == "asked"] == [
+        (p.prompt, p.chosen) for p in pairs if p.source == "asked"]
+    with pytest.raises(ValueError, match="negative_types"):
+        build_preference_pairs(world, pairs=5, extra_existence=2, negative_types=["positive"])
 
 
 def test_a_test_scene_among_the_training_shards_is_refused(world, tmp_path):

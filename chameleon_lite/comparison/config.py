@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -95,11 +96,24 @@ class PreferenceStage:
     native_recipe: str = "configs/native/dpo_tiny.yaml"
     baseline_recipe: str = "configs/baseline/dpo_tiny.yaml"
     on_policy: bool = True  # the arm's own wrong greedy answers are the rejected side of non-yes/no questions
+    # per scene, this many more existence questions asked of its ground truth (couples of a present and an absent
+    # combo of the negative_types), each followed by its negated twin when negated_twins; None = the pair builder's
+    # shipped recipe (world.preference_pairs.EXTRA_EXISTENCE, EXTRA_NEGATIVE_TYPES: 4, adversarial)
+    extra_existence: int | None = None
+    negative_types: list[str] | None = None
+    negated_twins: bool = False
+
+    def pair_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``build_preference_pairs`` this stage sets (None fields keep its defaults)."""
+        options = {"extra_existence": self.extra_existence, "negative_types": self.negative_types,
+                   "negated_twins": self.negated_twins}
+        return {k: v for k, v in options.items() if v is not None}
     overrides: list[str] = field(default_factory=list)  # `fit` arguments for both arms (same beta, lr: fair)
 
     def __post_init__(self) -> None:
-        if self.pairs < 0 or self.val_pairs < 0:
-            raise ValueError(f"stage3.pairs={self.pairs} and stage3.val_pairs={self.val_pairs} must be >= 0")
+        if self.pairs < 0 or self.val_pairs < 0 or (self.extra_existence or 0) < 0:
+            raise ValueError(f"stage3.pairs={self.pairs}, stage3.val_pairs={self.val_pairs} and "
+                             f"stage3.extra_existence={self.extra_existence} must be >= 0")
 
 
 @dataclass

@@ -151,7 +151,8 @@ def _preference_stage(arm: str, model: Any, model_dir: str, cfg: CompareConfig, 
     bar.stage(f"seed {seed} · {arm} preference pairs")
     answer_fn = (lambda images, questions: answer_questions(model, images, questions)) if s3.on_policy else None
     pairs, summary = build_preference_pairs(cfg.data.raw, pairs=s3.pairs + s3.val_pairs, seed=seed,
-                                            answer_fn=answer_fn, batch_size=cfg.eval.batch_size)
+                                            answer_fn=answer_fn, batch_size=cfg.eval.batch_size,
+                                            **s3.pair_options())
     pairs_dir = seed_dir / f"{arm}-dpo" / "pairs"
     write_preference_shards(pairs, pairs_dir, overwrite=True)
     recipe = s3.native_recipe if arm == "native" else s3.baseline_recipe

@@ -49,6 +49,7 @@ __all__ = [
     "cell_name",
     "describe",
     "existence_question",
+    "no_combo_question",
     "location_phrase",
     "make_questions",
     "normalize_answer",
@@ -435,6 +436,19 @@ def _spatial_question(ctx: _Context) -> QA | None:
     return ctx.qa(text, program, "spatial")
 
 
+def _no_combo_qa(ctx: _Context, color: str, shape: str) -> QA:
+    text = ctx.rng.choice(
+        [f"Is it true that there is no {color} {shape}?", f"Is it correct that the image has no {color} {shape}?"]
+    )
+    return ctx.qa(text, {"op": "not_exists", "where": {"color": color, "shape": shape}}, "negation")
+
+
+def no_combo_question(scene: Scene, rng: random.Random, config: WorldConfig, combo: Combo) -> QA:
+    """The negated twin of an existence question: "Is it true that there is no <colour> <shape>?" (``negation``),
+    answered "yes" exactly when "Is there a <colour> <shape>?" is answered "no"."""
+    return _no_combo_qa(_Context(scene, rng, config, frozenset()), *combo)
+
+
 def _negation_question(ctx: _Context) -> QA | None:
     rng, scene, config = ctx.rng, ctx.scene, ctx.config
     form = rng.choice(["no_combo", "none_color", "count_not", "query_not"])
@@ -444,11 +458,7 @@ def _negation_question(ctx: _Context) -> QA | None:
         pool = present if (rng.random() < 0.5 and present) or not absent else absent
         if not pool:
             return None
-        color, shape = rng.choice(pool)
-        text = rng.choice(
-            [f"Is it true that there is no {color} {shape}?", f"Is it correct that the image has no {color} {shape}?"]
-        )
-        return ctx.qa(text, {"op": "not_exists", "where": {"color": color, "shape": shape}}, "negation")
+        return _no_combo_qa(ctx, *rng.choice(pool))
     if form == "none_color":
         color = rng.choice(config.colors)
         text = rng.choice(

@@ -40,14 +40,24 @@ from PIL import Image
 from chameleon_lite.data.readers import list_shards, pair_dataset, qa_dataset
 from chameleon_lite.data.shards import write_shards
 from chameleon_lite.tokenization.image_preprocessing import to_rgb
-from chameleon_lite.world.language import describe, normalize_answer
+from chameleon_lite.world.language import (
+    POPE_NEGATIVE_TYPES,
+    describe,
+    existence_question,
+    no_combo_question,
+    normalize_answer,
+)
 from chameleon_lite.world.scenes import Scene, SceneObject
 from chameleon_lite.world.shapes_world import load_world_spec
 
-__all__ = ["PreferencePair", "PAIR_KINDS", "PAIRS_PREFIX", "build_preference_pairs", "write_preference_shards",
-           "read_preference_pairs", "perturb_scene"]
+__all__ = ["PreferencePair", "PAIR_KINDS", "PAIRS_PREFIX", "EXTRA_EXISTENCE", "EXTRA_NEGATIVE_TYPES",
+           "build_preference_pairs", "write_preference_shards", "read_preference_pairs", "perturb_scene"]
 
 PAIR_KINDS = ("yes_no", "answer", "caption")
+# the shipped recipe's extra existence questions, chosen on the validation split (docs/dpo.md): per scene 4 more
+# (2 present, 2 absent) whose absent objects share a colour or a shape with one in the scene (POPE's adversarial)
+EXTRA_EXISTENCE = 4
+EXTRA_NEGATIVE_TYPES = ("adversarial",)
 PAIRS_PREFIX = "prefs"
 YES_NO = ("yes", "no")
 
@@ -119,25 +129,71 @@ def _scene_of(meta: dict[str, Any], where: str) -> Scene:
     return Scene.from_dict(meta["scene"])
 
 
+def _asked_existence(scene: Scene, rng: random.Random, world: Any, exclude: frozenset, asked: set[tuple[str, str]],
+                     negative_types: Sequence[str], n: int, negated_twins: bool) -> list[tuple[str, str, str]]:
+    """Up to ``n`` new existence questions about ``scene`` as ``(question, answer, category)``, in couples: one
+    about a present combo ("yes") and one about an absent combo ("no") of a type drawn from ``negative_types`` that
+    the scene was not asked about yet (``asked``), so the couples choose "yes" and "no" equally often. A scene has
+    few present combos, so the "yes" question may repeat one; a couple without a new absent combo is dropped.
+    ``negated_twins``: each question is followed by its negated twin ("Is it true that there is no ...?",
+    category ``negation``, the other answer). Never about an ``exclude``d (held-out) combo."""
+    out: list[tuple[str, str, str]] = []
+    for _ in range(n // 2):
+        present = existence_question(scene, rng, world, "positive", exclude)
+        absent = None
+        for pope_type in rng.sample(list(negative_types), len(negative_types)):
+            draws = [existence_question(scene, rng, world, pope_type, exclude) for _ in range(8)]
+            fresh = [qa for qa in draws if qa is not None and _combo(qa.program) not in asked]
+            if fresh:
+                absent = fresh[0]
+                break
+        if present is None or absent is None:
+            break
+        asked.add(_combo(absent.program))
+        for qa in (present, absent):
+            out.append((qa.question, qa.answer, "existence"))
+            if negated_twins:
+                twin = no_combo_question(scene, rng, world, _combo(qa.program))
+                out.append((twin.question, twin.answer, twin.category))
+    return out
+
+
+def _combo(program: dict[str, Any]) -> tuple[str, str]:
+    return program["where"]["color"], program["where"]["shape"]
+
+
 def build_preference_pairs(raw: str | os.PathLike, *, pairs: int, seed: int = 0, answer_fn: AnswerFn | None = None,
                            batch_size: int = 32, kinds: Sequence[str] = PAIR_KINDS, balance_yes_no: bool = False,
-                           ) -> tuple[list[PreferencePair], dict[str, Any]]:
+                           extra_existence: int = EXTRA_EXISTENCE,
+                           negative_types: Sequence[str] = EXTRA_NEGATIVE_TYPES,
+                           negated_twins: bool = False) -> tuple[list[PreferencePair], dict[str, Any]]:
     """Up to ``pairs`` preference pairs from ``raw/train`` (a shapes world directory with ``world.yaml``).
 
     ``answer_fn(images, questions) -> answers``: the arm's greedy answers, used for the rejected side of
     ``answer`` pairs where they are wrong (see the module docstring). ``kinds``: which of ``PAIR_KINDS`` to make
     (all by default; the budget is then filled with those kinds only). ``balance_yes_no``: skip a yes/no pair
     whose chosen answer is already the more frequent one, so "yes" and "no" are chosen equally often (the world's
-    binding questions are mostly answered "yes"). Returns the pairs and a summary (counts by kind and source,
-    scenes used, chosen yes/no).
+    binding questions are mostly answered "yes").
+
+    ``extra_existence``: per scene, that many more existence questions asked of its ground truth as ``yes_no``
+    pairs (source ``asked``; 0 = none), in couples of a present combo and a new absent one of a type in
+    ``negative_types`` (POPE's random / popular / adversarial), never about a held-out combo. The defaults
+    (``EXTRA_EXISTENCE`` adversarial) are the shipped recipe, chosen on the validation split. ``negated_twins``:
+    each extra question is followed by its negated twin ("Is it true that there is no ...?", category
+    ``negation``, the other answer). Returns the pairs and a summary (counts by kind and source, scenes used,
+    chosen yes/no).
     """
     if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
         raise ValueError(f"pairs must be a positive int, got {pairs!r}")
     kinds = tuple(kinds)
     if not kinds or any(k not in PAIR_KINDS for k in kinds):
         raise ValueError(f"kinds must be a non-empty subset of {PAIR_KINDS}, got {kinds!r}")
+    if extra_existence < 0 or not negative_types or any(t not in POPE_NEGATIVE_TYPES for t in negative_types):
+        raise ValueError(f"need extra_existence >= 0 and negative_types a non-empty subset of {POPE_NEGATIVE_TYPES}, "
+                         f"got {extra_existence!r} and {negative_types!r}")
     raw = Path(raw)
-    world = load_world_spec(raw).world
+    spec = load_world_spec(raw)
+    world, held_out = spec.world, frozenset(spec.split().held_out)
     rng = random.Random(seed)
     scenes: dict[str, dict[str, Any]] = {}  # scene_key -> {"caption": sample, "qa": [samples]}
     for s in pair_dataset(str(raw / "train" / "pairs-*.tar")):
@@ -170,6 +226,17 @@ def build_preference_pairs(raw: str | os.PathLike, *, pairs: int, seed: int = 0,
                 if chosen != rejected:
                     made.append(PreferencePair(cap["image"], "", chosen, rejected, "caption", "caption",
                                                changed[1], key))
+        if extra_existence and "yes_no" in kinds and cap is not None:
+            scene = _scene_of(cap["meta"], f"pair {cap['key']}")
+            asked = {_combo(q["meta"]["program"]) for q in entry["qa"]
+                     if q["category"] == "existence" and "program" in q.get("meta", {})}
+            for question, truth, category in _asked_existence(scene, rng, world, held_out, asked, negative_types,
+                                                                 extra_existence, negated_twins):
+                if len(made) >= pairs:
+                    break
+                chosen_yes_no[truth] += 1
+                made.append(PreferencePair(cap["image"], question, truth, YES_NO[1 - YES_NO.index(truth)],
+                                           "yes_no", category, "asked", key))
         for q in entry["qa"]:
             if len(made) >= pairs:
                 break
