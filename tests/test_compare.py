@@ -100,6 +100,15 @@ def test_compare_on_a_toy_budget_writes_a_complete_report(toy, tmp_path, monkeyp
         assert heading in report
     assert "/12)" in report  # accuracies carry their counts
 
+    # the trained models again, without text->image: no tokenizer ceiling is measured on zero images (it crashed)
+    cfg = OmegaConf.load(tmp_path / "toy.yaml")
+    cfg.eval.text_to_image, cfg.stage3.pairs = 0, 0
+    cfg.native.model_dir, cfg.baseline.model_dir = native["model_dir"], baseline["model_dir"]
+    OmegaConf.save(cfg, tmp_path / "no-t2i.yaml")
+    again = compare(tmp_path / "no-t2i.yaml", tmp_path / "no-t2i", progress=False)["metrics"]
+    assert "vq_ceiling" not in again and "text_to_image" not in again["arms"]["native"]["per_seed"][0]
+    assert again["arms"]["native"]["per_seed"][0]["qa"]["records"] == native["qa"]["records"]
+
 
 def _check_qa_records_are_the_models_answers(arm: str, run: dict, toy: Path) -> None:
     """The report's QA numbers are what the trained model answers: its records hold the shard's questions and

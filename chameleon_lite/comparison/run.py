@@ -253,7 +253,8 @@ def compare(config: str | Path | CompareConfig, out: str | Path, *, overrides: l
             metrics["arms"][arm]["per_seed"].append(result)
             if arm == "native" and seed == cfg.seeds[0]:
                 examples["generated"] = rows
-                if model.bundle.image_tokenizer is not None and parse is not None:
+                # the tokenizer's ceiling on as many real images as text->image draws (none: not measured)
+                if model.bundle.image_tokenizer is not None and parse is not None and cfg.eval.text_to_image > 0:
                     metrics["vq_ceiling"], examples["reconstructions"] = vq_ceiling(
                         model.bundle, str(raw / "test" / "pairs-*.tar"), parse, limit=cfg.eval.text_to_image)
             del model
