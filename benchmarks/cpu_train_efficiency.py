@@ -78,7 +78,7 @@ KINDS = {  # model class name -> recipe kind
     "BaselineVLMModule": "baseline",
     "ContrastiveEncoderModule": "encoder",
 }
-TINY = {"steps": 1, "warmup": 1, "world_train": 24, "batch_size": 2, "matmul_repeats": 2}
+TINY = {"steps": 1, "warmup": 1, "world_train": 24, "batch_size": 2, "matmul_repeats": 2, "matmul_size": 256}
 QUIET = ["--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
          "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
          "--trainer.enable_model_summary=false"]
@@ -355,7 +355,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="image side for baseline/encoder recipes (default: the recipe's); native recipes read "
                              "images at their tokenizer's size")
     parser.add_argument("--batch-size", type=int, default=None, help="override every recipe's batch size")
-    parser.add_argument("--matmul-repeats", type=int, default=10, help="timed 2048^3 matmuls per peak")
+    parser.add_argument("--matmul-repeats", type=int, default=10, help="timed n^3 matmuls per peak")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="n of the peak matmuls (default 2048)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's). On cores shared with other work, 1 thread "
                              "avoids OpenMP threads waiting on each other (steps measured up to 20x slower)")
@@ -363,11 +364,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None, help="keep the world and runs here (default: a temp dir)")
     parser.add_argument("--tiny", action="store_true",
                         help=f"smoke run: {TINY['warmup']}+{TINY['steps']} steps at batch {TINY['batch_size']} on "
-                             f"{TINY['world_train']} scenes, {TINY['matmul_repeats']} matmuls per peak")
+                             f"{TINY['world_train']} scenes, {TINY['matmul_repeats']} {TINY['matmul_size']}^3 "
+                             "matmuls per peak")
     args = parser.parse_args(argv)
     if args.tiny:
         args.steps, args.warmup, args.world_train = TINY["steps"], TINY["warmup"], TINY["world_train"]
         args.batch_size, args.matmul_repeats = TINY["batch_size"], TINY["matmul_repeats"]
+        args.matmul_size = TINY["matmul_size"]  # bf16 emulated on an AVX2-only CPU: 2048^3 takes minutes
     if args.steps < 1 or args.warmup < 1:
         parser.error("need --steps >= 1 and --warmup >= 1 (the clock starts at the end of the last warm-up step)")
     if args.world_train < 1 or args.matmul_repeats < 1 or any(
@@ -403,10 +406,11 @@ def _run(args: argparse.Namespace, recipes: list[Recipe]) -> dict[str, Any]:
     info["load_average_start"] = os.getloadavg()
     print(f"torch {info['torch']}, {info['threads']} threads, {info.get('cpu', platform.processor())} "
           f"({' '.join(info.get('flags', []))}); load average {info['load_average_start'][0]:.2f}")
-    peaks = {name: measured_matmul_flops("cpu", dtype, n=2048, repeats=args.matmul_repeats)
+    n = args.matmul_size
+    peaks = {name: measured_matmul_flops("cpu", dtype, n=n, repeats=args.matmul_repeats)
              for name, dtype in PEAK_DTYPES.items()}
     fastest = fastest_cpu_precision()
-    print(f"measured 2048^3 matmul peaks: bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.1f} "
+    print(f"measured {n}^3 matmul peaks: bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.1f} "
           f"GFLOP/s (bf16/fp32 {peaks['bf16'] / peaks['fp32']:.2f}); fastest_cpu_precision() -> {fastest}")
 
     runs = []

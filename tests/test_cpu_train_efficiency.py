@@ -50,5 +50,5 @@ def test_tiny_run_reports_finite_positive_rates(tmp_path, monkeypatch, capsys):
     assert baseline["tokens"] > 2 * 64  # each row holds its image's 64 visual tokens (MLP projector, 8x8 patches)
 
     printed = capsys.readouterr().out
-    assert "measured 2048^3 matmul peaks" in printed
+    assert "measured 256^3 matmul peaks" in printed  # --tiny: small peaks (bf16 is emulated on AVX2-only CPUs)
     assert sum(line.startswith(f"| {recipe} | 32-true |") for line in printed.splitlines() for recipe in recipes) == 2

@@ -75,8 +75,24 @@ def test_fastest_cpu_precision_returns_a_lightning_precision():
     assert fastest_cpu_precision(n=256, repeats=1) in ("bf16-mixed", "32-true")
 
 
-@pytest.mark.parametrize(("bf16_flops", "expected"), [(3e11, "bf16-mixed"), (1.1e11, "32-true"), (5e10, "32-true")])
-def test_fastest_cpu_precision_needs_bf16_clearly_faster(monkeypatch, bf16_flops, expected):
+@pytest.mark.parametrize(("bf16_flops", "expected", "sizes"), [
+    (3e11, "bf16-mixed", [256, 256, 1024, 1024]), (1.1e11, "32-true", [256, 256, 1024, 1024]),
+    (5e10, "32-true", [256, 256, 1024, 1024]),
+    (1e9, "32-true", [256, 256]),  # bf16 emulated (AVX2 only): the small probe answers, no 1024^3 bf16 matmul
+])
+def test_fastest_cpu_precision_needs_bf16_clearly_faster(monkeypatch, bf16_flops, expected, sizes):
     rates = {torch.bfloat16: bf16_flops, torch.float32: 1e11}  # fp32 at 100 GFLOP/s; the margin is 1.2x
-    monkeypatch.setattr(perf, "measured_matmul_flops", lambda device, dtype, **kwargs: rates[dtype])
-    assert fastest_cpu_precision() == expected
+    measured = []
+
+    def fake(device, dtype, n, **kwargs):
+        measured.append(n)
+        return rates[dtype]
+
+    monkeypatch.setattr(perf, "measured_matmul_flops", fake)
+    fastest_cpu_precision.cache_clear()  # measured once per process: forget this machine's answer
+    try:
+        assert fastest_cpu_precision() == expected
+        assert measured == sizes
+        assert fastest_cpu_precision() == expected and measured == sizes  # cached: not measured again
+    finally:
+        fastest_cpu_precision.cache_clear()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import statistics
 import time
@@ -166,11 +167,20 @@ def measured_matmul_flops(
     return 2.0 * n**3 * repeats / seconds
 
 
+@functools.cache
 def fastest_cpu_precision(n: int = 1024, repeats: int = 4, margin: float = 1.2) -> str:
     """The Lightning precision that trains fastest on this CPU: ``"bf16-mixed"`` when a bf16 matmul measured here
     runs more than ``margin`` times faster than an fp32 one (a CPU with AMX: ~1.9 vs ~0.33 TFLOP/s on 2 cores),
     else ``"32-true"`` (AVX-512 without AMX multiplies bf16 *slower* than fp32: 0.17 vs 0.34 TFLOP/s measured on
-    a 2-core Xeon with ``avx512_bf16`` and no AMX). Takes about 0.1 s."""
+    a 2-core Xeon with ``avx512_bf16`` and no AMX). Takes about 0.1 s there.
+
+    A CPU without any bf16 matmul instructions (AVX2 only) emulates them about 100x slower than fp32 (1.4 vs 55
+    GFLOP/s at n=256 on a 2-core AMD EPYC), where the ``n`` = 1024 measurement alone would take 13 s: a 256^3
+    probe answers ``"32-true"`` first when bf16 is not even a quarter of fp32's speed. Measured once per process
+    (the CPU does not change)."""
+    probe_bf16 = measured_matmul_flops("cpu", torch.bfloat16, n=256, repeats=1, warmup=1)
+    if probe_bf16 < measured_matmul_flops("cpu", torch.float32, n=256, repeats=1, warmup=1) / 4:
+        return "32-true"
     bf16 = measured_matmul_flops("cpu", torch.bfloat16, n=n, repeats=repeats, warmup=1)
     fp32 = measured_matmul_flops("cpu", torch.float32, n=n, repeats=repeats, warmup=1)
     return "bf16-mixed" if bf16 > margin * fp32 else "32-true"
