@@ -23,6 +23,7 @@ from chameleon_lite.comparison.run import precision_overrides
 from chameleon_lite.comparison.training import train_preference
 from chameleon_lite.eval.understanding import reference_answers_from_shards
 from chameleon_lite.training.lit_preference import load_policy
+from chameleon_lite.world.language import POPE_NEGATIVE_TYPES
 from chameleon_lite.world.preference_pairs import (
     EXTRA_EXISTENCE,
     EXTRA_NEGATIVE_TYPES,
@@ -40,7 +41,7 @@ def score(model, raw: Path, questions: int, references) -> dict:
                      progress=False)
     pope = qa["pope"].get("all", {})
     # false "yes" answers per POPE negative type: which absent objects the arm still confirms
-    false_yes = {t: qa["pope"][t]["fp"] for t in ("random", "popular", "adversarial") if t in qa["pope"]}
+    false_yes = {t: qa["pope"][t]["fp"] for t in POPE_NEGATIVE_TYPES if t in qa["pope"]}
     return {"qa": qa["overall"]["accuracy"], **{c: qa["by_category"].get(c, {}).get("accuracy") for c in CATEGORIES},
             "pope_f1": pope.get("f1"), "yes_rate": pope.get("yes_rate"),
             "pope_counts": {k: pope.get(k) for k in ("tp", "fp", "tn", "fn", "invalid")}, "false_yes": false_yes}
@@ -108,7 +109,7 @@ def main() -> None:
     print("|---|---|" + "---|" * (len(cols) + 2))
     for r in rows:
         cells = ["–" if r.get(c) is None else f"{100 * r[c]:.1f}" for c in cols]
-        false_yes = " / ".join(str(r["false_yes"].get(t, "–")) for t in ("random", "popular", "adversarial"))
+        false_yes = " / ".join(str(r["false_yes"].get(t, "–")) for t in POPE_NEGATIVE_TYPES)
         print(f"| {r['arm']} | {r['run']} | " + " | ".join(cells) + f" | {false_yes} | {r.get('seconds', '')} |")
 
 

@@ -131,10 +131,12 @@ def _data_preference_pairs(args: argparse.Namespace) -> int:
         def answer_fn(images, questions):
             return answer_questions(model, images, questions)
 
-    options = {"extra_existence": args.extra_existence, "negated_twins": args.negated_twins,
-               "negative_types": args.negative_types.split(",") if args.negative_types else None}
+    from chameleon_lite.comparison.config import PreferenceStage
+
+    stage = PreferenceStage(extra_existence=args.extra_existence, negated_twins=args.negated_twins,
+                            negative_types=args.negative_types.split(",") if args.negative_types else None)
     pairs, summary = build_preference_pairs(args.raw, pairs=args.pairs, seed=args.seed, answer_fn=answer_fn,
-                                            **{k: v for k, v in options.items() if v is not None})
+                                            **stage.pair_options())
     written = write_preference_shards(pairs, args.out, overwrite=args.overwrite)
     print(f"{len(pairs)} preference pairs in {len(written)} shard(s) -> {args.out}: {json.dumps(summary)}")
     return 0

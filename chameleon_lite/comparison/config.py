@@ -102,18 +102,18 @@ class PreferenceStage:
     extra_existence: int | None = None
     negative_types: list[str] | None = None
     negated_twins: bool = False
-
-    def pair_options(self) -> dict[str, Any]:
-        """The keyword arguments of ``build_preference_pairs`` this stage sets (None fields keep its defaults)."""
-        options = {"extra_existence": self.extra_existence, "negative_types": self.negative_types,
-                   "negated_twins": self.negated_twins}
-        return {k: v for k, v in options.items() if v is not None}
     overrides: list[str] = field(default_factory=list)  # `fit` arguments for both arms (same beta, lr: fair)
 
     def __post_init__(self) -> None:
         if self.pairs < 0 or self.val_pairs < 0 or (self.extra_existence or 0) < 0:
             raise ValueError(f"stage3.pairs={self.pairs}, stage3.val_pairs={self.val_pairs} and "
                              f"stage3.extra_existence={self.extra_existence} must be >= 0")
+
+    def pair_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``build_preference_pairs`` this stage sets (None fields keep its defaults)."""
+        options = {"extra_existence": self.extra_existence, "negative_types": self.negative_types,
+                   "negated_twins": self.negated_twins}
+        return {k: v for k, v in options.items() if v is not None}
 
 
 @dataclass

@@ -47,7 +47,7 @@ from chameleon_lite.world.language import (
     no_combo_question,
     normalize_answer,
 )
-from chameleon_lite.world.scenes import Scene, SceneObject
+from chameleon_lite.world.scenes import Scene, SceneObject, WorldConfig
 from chameleon_lite.world.shapes_world import load_world_spec
 
 __all__ = ["PreferencePair", "PAIR_KINDS", "PAIRS_PREFIX", "EXTRA_EXISTENCE", "EXTRA_NEGATIVE_TYPES",
@@ -129,8 +129,9 @@ def _scene_of(meta: dict[str, Any], where: str) -> Scene:
     return Scene.from_dict(meta["scene"])
 
 
-def _asked_existence(scene: Scene, rng: random.Random, world: Any, exclude: frozenset, asked: set[tuple[str, str]],
-                     negative_types: Sequence[str], n: int, negated_twins: bool) -> list[tuple[str, str, str]]:
+def _asked_existence(scene: Scene, rng: random.Random, world: WorldConfig, exclude: frozenset,
+                     asked: set[tuple[str, str]], negative_types: Sequence[str],
+                     n: int, negated_twins: bool) -> list[tuple[str, str, str]]:
     """Up to ``n`` new existence questions about ``scene`` as ``(question, answer, category)``, in couples: one
     about a present combo ("yes") and one about an absent combo ("no") of a type drawn from ``negative_types`` that
     the scene was not asked about yet (``asked``), so the couples choose "yes" and "no" equally often. A scene has
