@@ -6,8 +6,10 @@ pairs (on-policy, from the training split), tune, and score QA per category and 
         --run "lr5e-5:--model.init_args.lr=5e-5" --run "lr2e-4:--model.init_args.lr=2e-4"
 
 Each ``--run NAME:ARGS`` adds ``fit`` overrides to both arms' recipes (``configs/<arm>/dpo_tiny.yaml``); the
-row ``before`` is the model as trained. Prints a markdown table and appends rows to ``OUT/sweep.jsonl``. The
-comparison's test split is never read.
+row ``before`` is the model as trained. Scores are on the questions of ``--val-splits`` pooled (by default ``val``
+and, where the world has one, ``val_held_out``: scenes around held-out combos, see ``world/splits.py``), with POPE
+F1 per split beside them. Prints a markdown table and appends rows to ``OUT/sweep.jsonl``. The comparison's test
+split is never read.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from chameleon_lite.comparison.evaluate import answer_questions, evaluate_qa
 from chameleon_lite.comparison.run import precision_overrides
 from chameleon_lite.comparison.training import train_preference
-from chameleon_lite.eval.understanding import reference_answers_from_shards
+from chameleon_lite.eval.understanding import QARecord, reference_answers_from_shards, summarize_qa
 from chameleon_lite.training.lit_preference import load_policy
 from chameleon_lite.world.language import POPE_NEGATIVE_TYPES
 from chameleon_lite.world.preference_pairs import (
@@ -36,15 +38,26 @@ from chameleon_lite.world.preference_pairs import (
 CATEGORIES = ("count", "color", "shape", "binding", "spatial", "negation", "existence")
 
 
-def score(model, raw: Path, questions: int, references) -> dict:
-    qa = evaluate_qa(model, str(raw / "val" / "qa-*.tar"), limit=questions, reference_answers=references,
-                     progress=False)
+def summary_scores(qa: dict) -> dict:
+    """The sweep's columns from a ``summarize_qa`` dict."""
     pope = qa["pope"].get("all", {})
     # false "yes" answers per POPE negative type: which absent objects the arm still confirms
     false_yes = {t: qa["pope"][t]["fp"] for t in POPE_NEGATIVE_TYPES if t in qa["pope"]}
     return {"qa": qa["overall"]["accuracy"], **{c: qa["by_category"].get(c, {}).get("accuracy") for c in CATEGORIES},
             "pope_f1": pope.get("f1"), "yes_rate": pope.get("yes_rate"),
             "pope_counts": {k: pope.get(k) for k in ("tp", "fp", "tn", "fn", "invalid")}, "false_yes": false_yes}
+
+
+def score(model, raw: Path, splits: list[str], questions: int, references) -> dict:
+    """Scores on the first ``questions`` questions of each split, pooled; ``by_split``: each split's own."""
+    records: dict[str, list[QARecord]] = {}
+    for split in splits:
+        qa = evaluate_qa(model, str(raw / split / "qa-*.tar"), limit=questions, reference_answers=references,
+                         progress=False)
+        records[split] = [QARecord(**r) for r in qa["records"]]
+    pooled = summarize_qa([r for split in splits for r in records[split]])
+    return {**summary_scores(pooled), "questions": {s: len(records[s]) for s in splits},
+            "by_split": {s: summary_scores(summarize_qa(records[s])) for s in splits}}
 
 
 def main() -> None:
@@ -54,7 +67,9 @@ def main() -> None:
     parser.add_argument("--baseline", help="the baseline arm's trained model directory")
     parser.add_argument("--out", required=True)
     parser.add_argument("--pairs", type=int, default=2000)
-    parser.add_argument("--questions", type=int, default=400, help="validation questions scored")
+    parser.add_argument("--questions", type=int, default=400, help="validation questions scored per split")
+    parser.add_argument("--val-splits", default="val,val_held_out",
+                        help="validation splits scored, comma-separated (one the world lacks is left out, with a note)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kinds", default=",".join(PAIR_KINDS), help="pair kinds to build, comma-separated")
     parser.add_argument("--balance-yes-no", action="store_true", help="choose 'yes' and 'no' equally often")
@@ -68,6 +83,11 @@ def main() -> None:
     parser.add_argument("--run", action="append", default=[], help="NAME:ARGS (fit overrides for both arms)")
     args = parser.parse_args()
     raw, out = Path(args.raw), Path(args.out)
+    splits = [s for s in args.val_splits.split(",") if (raw / s).is_dir()]
+    for missing in sorted(set(args.val_splits.split(",")) - set(splits)):
+        print(f"note: {raw} has no {missing} split; it is not scored")
+    if not splits:
+        parser.error(f"none of the validation splits {args.val_splits} is in {raw}")
     references = reference_answers_from_shards(str(raw / "train" / "qa-*.tar"))
     precision = precision_overrides("auto")
     rows = []
@@ -77,7 +97,7 @@ def main() -> None:
         model = load_policy(model_dir).eval()
         if not args.skip_before:
             rows.append({"arm": arm, "run": "before", "kinds": args.kinds, "balanced": args.balance_yes_no,
-                         **score(model, raw, args.questions, references)})
+                         **score(model, raw, splits, args.questions, references)})
             print(json.dumps(rows[-1]), flush=True)
         pairs_dir = out / arm / "pairs"
         started = time.perf_counter()
@@ -98,19 +118,24 @@ def main() -> None:
                          "extra_existence": args.extra_existence, "negative_types": args.negative_types,
                          "negated_twins": args.negated_twins, "seconds": round(trained["seconds"], 1),
                          "val_reward_accuracy": trained["validation"].get("val/reward_accuracy"),
-                         **score(tuned, raw, args.questions, references)})
+                         **score(tuned, raw, splits, args.questions, references)})
             print(json.dumps(rows[-1]), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "sweep.jsonl", "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     cols = ["qa", *CATEGORIES, "pope_f1", "yes_rate"]
-    print("| arm | run | " + " | ".join(cols) + " | false yes: random / popular / adversarial | train s |")
-    print("|---|---|" + "---|" * (len(cols) + 2))
+    print(f"pooled over {', '.join(splits)}; POPE F1 of each split beside")
+    print("| arm | run | " + " | ".join(cols) + " | " + " | ".join(f"{s} F1" for s in splits)
+          + " | false yes: random / popular / adversarial | false no | train s |")
+    print("|---|---|" + "---|" * (len(cols) + len(splits) + 3))
     for r in rows:
         cells = ["–" if r.get(c) is None else f"{100 * r[c]:.1f}" for c in cols]
+        cells += ["–" if r["by_split"][s]["pope_f1"] is None else f"{100 * r['by_split'][s]['pope_f1']:.1f}"
+                  for s in splits]
         false_yes = " / ".join(str(r["false_yes"].get(t, "–")) for t in POPE_NEGATIVE_TYPES)
-        print(f"| {r['arm']} | {r['run']} | " + " | ".join(cells) + f" | {false_yes} | {r.get('seconds', '')} |")
+        print(f"| {r['arm']} | {r['run']} | " + " | ".join(cells)
+              + f" | {false_yes} | {r['pope_counts']['fn']} | {r.get('seconds', '')} |")
 
 
 if __name__ == "__main__":

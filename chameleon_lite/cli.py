@@ -78,7 +78,8 @@ def _data_shapes(args: argparse.Namespace) -> int:
     else:
         world = WorldConfig(**given)
     spec = ShapesWorldSpec(
-        train=args.train, val=args.val, test=args.test, seed=args.seed, world=world, shard_size=args.shard_size
+        train=args.train, val=args.val, test=args.test, val_held_out=args.val_held_out, seed=args.seed, world=world,
+        shard_size=args.shard_size,
     )
     counts = write_shapes_world(spec, args.out, num_workers=args.num_workers)
     total = sum(sum(c.values()) for c in counts.values())
@@ -359,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--train", type=int, default=10000, help="training scenes")
     shapes.add_argument("--val", type=int, default=500, help="validation scenes")
     shapes.add_argument("--test", type=int, default=1000, help="test scenes")
+    shapes.add_argument("--val-held-out", type=int, default=0,
+                        help="scenes of a second validation split, each built around a held-out combo (0: none)")
     shapes.add_argument("--image-size", type=int, help="rendered image side in pixels (default 64)")
     shapes.add_argument("--max-objects", type=int, help="most objects in a scene (default 6)")
     shapes.add_argument("--grid", type=int, help="positions form a grid x grid layout (default 3)")

@@ -321,3 +321,15 @@ def test_stage3_pair_options_keep_the_pair_builders_recipe_unless_set():
         "extra_existence": 0, "negative_types": ["random"], "negated_twins": False}
     with pytest.raises(ValueError, match="extra_existence"):
         PreferenceStage(extra_existence=-1)
+
+
+def test_report_names_the_held_out_validation_scenes_only_when_the_world_has_them():
+    from chameleon_lite.comparison.report import _world_lines
+
+    world = {"config": {"min_objects": 1, "max_objects": 3, "grid": 2, "image_size": 32, "shapes": ["circle"],
+                        "colors": ["red"]},
+             "splits": {"train": 5, "val": 2, "test": 3, "val_held_out": 4}, "held_out": [["red", "triangle"]],
+             "test_held_out_fraction": 0.5, "image_grid": [4, 4], "codebook_size": 512, "tokenizer": "t"}
+    assert "so are 4 more validation scenes, which `compare` does not read" in _world_lines({"world": world})[0]
+    world["splits"]["val_held_out"] = 0
+    assert "more validation scenes" not in _world_lines({"world": world})[0]

@@ -14,6 +14,7 @@ from chameleon_lite.safe_io import read_manifest
 from chameleon_lite.world.language import CATEGORIES
 from chameleon_lite.world.scenes import Scene
 from chameleon_lite.world.shapes_world import ShapesWorldSpec, iter_samples, load_world_spec, write_shapes_world
+from chameleon_lite.world.splits import SPLITS
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +102,22 @@ def test_cli_data_shapes(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert load_world_spec(tmp_path).train == 5
     assert len(list(pair_dataset(str(tmp_path / "val" / "pairs-*.tar")))) == 2
+    assert not (tmp_path / "val_held_out").exists()  # 0 by default
+
+    out = tmp_path / "with-valB"
+    assert main(["data", "shapes", "--out", str(out), "--train", "5", "--val", "2", "--test", "2",
+                 "--val-held-out", "3"]) == 0
+    assert load_world_spec(out).val_held_out == 3
+    held = [s["meta"]["held_out"] for s in pair_dataset(str(out / "val_held_out" / "pairs-*.tar"))]
+    assert len(held) == 3 and all(held)
+    questions = list(qa_dataset(str(out / "val_held_out" / "qa-*.tar")))
+    assert questions and all(q["meta"]["split"] == "val_held_out" for q in questions)
+    assert _digest(out / "train") == _digest(tmp_path / "train")  # the other splits are as without it
 
 
 # ------------------------------------------------------------------------------------------ parallel generation
 def _small_world(**kwargs):
-    spec = ShapesWorldSpec(train=60, val=10, test=10, seed=5, shard_size=7, **kwargs)
+    spec = ShapesWorldSpec(train=60, val=10, test=10, val_held_out=9, seed=5, shard_size=7, **kwargs)
     spec.world.image_size, spec.world.grid, spec.world.max_objects = 32, 2, 3
     return spec
 
@@ -113,7 +125,7 @@ def _small_world(**kwargs):
 def _stream(directory):
     """Every member (name, bytes) of every shard, in the order readers see them: split, kind, shard, member."""
     members = []
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         for kind in ("pairs", "qa", "docs"):
             for path in sorted((directory / split).glob(f"{kind}-*.tar")):
                 with tarfile.open(path) as tar:
@@ -123,9 +135,8 @@ def _stream(directory):
 
 def _assert_manifests_exact(directory):
     assert read_manifest(directory) == ["world.yaml"]
-    assert sorted(p.name for p in directory.iterdir()) == sorted(["manifest.json", "world.yaml", "train", "val",
-                                                                  "test"])  # no temporary folder left
-    for split in ("train", "val", "test"):
+    assert sorted(p.name for p in directory.iterdir()) == sorted(["manifest.json", "world.yaml", *SPLITS])
+    for split in SPLITS:  # and no temporary folder left
         files = sorted(p.name for p in (directory / split).iterdir() if p.name != "manifest.json")
         assert files and read_manifest(directory / split) == files
 

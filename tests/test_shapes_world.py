@@ -517,6 +517,30 @@ def test_split_streams_are_deterministic_and_disjoint():
     assert [train.sample() for _ in range(20)] != [val.sample() for _ in range(20)]
 
 
+def test_older_splits_keep_their_integer_streams():
+    # every recorded figure was measured on these streams: adding val_held_out must not move them
+    assert [split_seed(name, 7) for name in ("train", "val", "test")] == [21, 22, 23]
+    assert split_seed("val_held_out", 7) == "7/val_held_out"
+    with pytest.raises(ValueError, match="unknown split"):
+        split_seed("valB", 0)
+
+
+def test_val_held_out_scenes_are_each_built_around_a_held_out_combo():
+    split = CompositionalSplit()
+    sampler = split.sampler("val_held_out", 0)
+    flags = []
+    for _ in range(300):
+        scene, flagged = sampler.sample_flagged()
+        assert flagged, scene
+        validate_scene(scene, split.config)
+        flags.append(flagged)
+    assert {c for f in flags for c in f} == set(split.held_out)
+    test = split.sampler("test", 0)
+    held_out_test = [s for s, f in (test.sample_flagged() for _ in range(300)) if f]
+    twins = set(held_out_test) & set(split.sampler("val_held_out", 0).sample_many(300))
+    assert len(twins) < 10  # another stream than test's: a repeated scene is a coincidence of a small world
+
+
 def test_split_rejects_non_compositional_held_out_sets():
     with pytest.raises(ValueError):
         CompositionalSplit(held_out=frozenset({("red", "hexagon")}))

@@ -31,12 +31,13 @@ logger = logging.getLogger(__name__)
 
 DEMO_CONFIG = "configs/compare/demo.yaml"  # a shipped recipe: found from any directory (``chameleon_lite.shipped``)
 DEMO_WORLD = {
-    "train": 5000, "val": 200, "test": 300, "seed": 0,
+    "train": 5000, "val": 200, "test": 300, "val_held_out": 200, "seed": 0,
     "world": {"image_size": 32, "grid": 2, "max_objects": 3, "shapes": ["circle", "square", "triangle", "star"],
               "colors": ["red", "green", "blue", "yellow"]},
 }
 """The demo's world (a ``ShapesWorldSpec`` as a dict; held-out combos are the default red triangle, blue circle,
-green square and yellow star)."""
+green square and yellow star). ``val_held_out``: validation scenes around a held-out combo, for choosing a stage-3
+recipe (``benchmarks/dpo_sweep.py``); nothing in ``compare`` reads them."""
 
 
 def _same_world(path: Path, spec) -> bool:

@@ -293,7 +293,10 @@ def _world_lines(metrics: dict[str, Any]) -> list[str]:
             f"scenes: {c['min_objects']}–{c['max_objects']} objects on a {c['grid']}×{c['grid']} grid, "
             f"{c['image_size']}×{c['image_size']} px, shapes {', '.join(c['shapes'])}, colours "
             f"{', '.join(c['colors'])}. Held out of training: {held} "
-            f"({world['test_held_out_fraction']:.0%} of test scenes are built around one). The native arm sees each "
+            f"({world['test_held_out_fraction']:.0%} of test scenes are built around one"
+            + (f"; so are {n['val_held_out']:,} more validation scenes, which `compare` does not read"
+               if n.get("val_held_out") else "")
+            + "). The native arm sees each "
             f"image as {h}×{w} codes of the {world['codebook_size']}-code tokenizer `{world['tokenizer']}`.", ""]
 
 

@@ -48,6 +48,7 @@ from chameleon_lite.safe_io import record_files
 from chameleon_lite.training.lightning_cli import quiet_lightning
 from chameleon_lite.world.scene_parser import parse_scene
 from chameleon_lite.world.shapes_world import WORLD_FILE, load_world_spec
+from chameleon_lite.world.splits import SPLITS
 
 __all__ = ["compare", "check_matched_decoders", "flatten_numbers", "summarize_seeds"]
 
@@ -345,7 +346,7 @@ def _world_summary(spec: Any, tokenizer: str) -> dict[str, Any]:
     from chameleon_lite.model.model_dir import resolve_bundle_path
     from chameleon_lite.tokenization.bundle import load_bundle
     bundle = load_bundle(resolve_bundle_path(tokenizer), load_image_tokenizer=False)
-    return {"config": spec.world.to_dict(), "splits": {s: getattr(spec, s) for s in ("train", "val", "test")},
+    return {"config": spec.world.to_dict(), "splits": {s: getattr(spec, s) for s in SPLITS},
             "held_out": [list(c) for c in spec.held_out], "test_held_out_fraction": spec.test_held_out_fraction,
             "tokenizer": bundle.name, "image_grid": list(bundle.image_grid),
             "codebook_size": bundle.vocab.codebook_size}

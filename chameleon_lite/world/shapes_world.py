@@ -53,6 +53,7 @@ class ShapesWorldSpec:
     train: int = 1000
     val: int = 200
     test: int = 200
+    val_held_out: int = 0  # scenes of the second validation split, each around a held-out combo (splits.py)
     seed: int = 0
     world: WorldConfig = field(default_factory=WorldConfig)
     held_out: list[list[str]] = field(default_factory=lambda: [list(c) for c in sorted(DEFAULT_HELD_OUT)])

@@ -4,8 +4,15 @@ A few ``(colour, shape)`` combos are **held out**: train and val scenes never co
 every shape still appears, just not in those pairings), test scenes contain them in a controlled fraction, so
 a model's accuracy on test scenes with held-out combos measures compositional generalisation.
 
-Seeds: split ``s`` with base seed ``k`` draws from the stream ``k * 3 + index(s)`` (train 0, val 1, test 2),
-so the three splits' streams are disjoint for every pair of base seeds.
+``val_held_out`` is a second validation split, like CLEVR-CoGenT's valB: every scene is built around a held-out
+combo. No weight ever sees it; it lets a choice made on validation (a stage-3 recipe, say) see the trade between
+seen and novel objects that test measures. Choosing on it is what DomainBed calls test-domain ("oracle")
+validation: the test scenes stay unread, the held-out combos do not stay unseen by the person choosing.
+
+Seeds: split ``s`` of ``train``/``val``/``test`` with base seed ``k`` draws from the stream ``k * 3 + index(s)``
+(train 0, val 1, test 2), so the three splits' streams are disjoint for every pair of base seeds.
+``val_held_out``, added later, draws from the string seed ``"k/val_held_out"``: no integer stream, so the
+three older splits (and every figure recorded on them) are as they were.
 """
 
 from __future__ import annotations
@@ -15,20 +22,24 @@ from dataclasses import dataclass, field
 
 from chameleon_lite.world.scenes import Combo, Scene, WorldConfig, sample_scene
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
+SPLITS: tuple[str, ...] = ("train", "val", "test", "val_held_out")
+_INTEGER_STREAMS: tuple[str, ...] = ("train", "val", "test")  # the splits drawn from integer stream seeds
 
 DEFAULT_HELD_OUT: frozenset[Combo] = frozenset(
     {("red", "triangle"), ("blue", "circle"), ("green", "square"), ("yellow", "star")}
 )
 
 
-def split_seed(split: str, seed: int) -> int:
-    """The stream seed of ``split`` for base ``seed``; distinct splits never share a stream seed."""
+def split_seed(split: str, seed: int) -> int | str:
+    """The stream seed of ``split`` for base ``seed`` (``random.Random`` takes either kind); distinct splits
+    never share a stream seed."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    return seed * len(SPLITS) + SPLITS.index(split)
+    if split not in _INTEGER_STREAMS:
+        return f"{seed}/{split}"
+    return seed * len(_INTEGER_STREAMS) + _INTEGER_STREAMS.index(split)
 
 
 @dataclass(frozen=True)
@@ -63,11 +74,12 @@ class CompositionalSplit:
             raise ValueError(f"test_held_out_fraction must be in [0, 1], got {self.test_held_out_fraction}")
 
     def held_out_in(self, scene: Scene) -> tuple[Combo, ...]:
-        """The held-out combos present in ``scene`` (sorted; empty for every train/val scene)."""
+        """The held-out combos present in ``scene`` (sorted; empty for every train/val scene, never empty for a
+        val_held_out scene)."""
         return tuple(sorted(scene.combos() & self.held_out))
 
     def sampler(self, split: str, seed: int) -> SplitSampler:
-        """A deterministic scene sampler for ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
+        """A deterministic scene sampler for ``split`` (one of ``SPLITS``)."""
         return SplitSampler(self, split, seed)
 
 
@@ -81,6 +93,8 @@ class SplitSampler:
 
     def sample(self) -> Scene:
         rng, config = self._rng, self.split.config
+        if self.name == "val_held_out":
+            return sample_scene(rng, config, require_combo=rng.choice(self._held_out))
         if self.name == "test" and rng.random() < self.split.test_held_out_fraction:
             return sample_scene(rng, config, require_combo=rng.choice(self._held_out))
         return sample_scene(rng, config, exclude_combos=self.split.held_out)
