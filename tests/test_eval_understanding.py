@@ -16,6 +16,7 @@ from chameleon_lite.eval.understanding import (
     held_out_accuracy,
     is_correct,
     majority_chance,
+    novel_object_recall,
     pope_by_held_out,
     pope_metrics,
     reference_answers_from_shards,
@@ -133,6 +134,24 @@ def test_pope_by_held_out_scores_each_group_alone():
     assert summarize_qa(records)["pope_held_out"] == result
 
 
+def test_novel_object_recall_counts_confirmed_present_held_out_combos_only():
+    e = "existence"
+    records = [
+        QARecord("yes", "yes", e, "positive", True, novel_object=True),  # confirmed
+        QARecord(" Yes", "yes", e, "positive", True, novel_object=True),  # confirmed (normalised)
+        QARecord("no", "yes", e, "positive", True, novel_object=True),  # denied
+        QARecord("yes", "yes", e, "positive", True, novel_object=False),  # a familiar object in the same scene
+        QARecord("yes", "no", e, "random", True, novel_object=False),  # an absent object: not this metric's
+        QARecord("no", "yes", "negation", None, True, novel_object=True),  # another category
+        QARecord("no", "yes", e, "positive", True),  # unknown
+    ]
+    assert novel_object_recall(records) == {"confirmed": 2, "total": 3, "recall": pytest.approx(2 / 3)}
+    assert novel_object_recall(records[3:]) == {"confirmed": 0, "total": 0, "recall": None}
+    assert summarize_qa(records)["novel_objects"]["total"] == 3
+    with pytest.raises(ValueError, match="novel_object"):
+        QARecord("yes", "yes", e, novel_object="yes")
+
+
 def test_majority_chance():
     reference = answers_by_category(
         [("count", "2"), ("count", "2"), ("count", "3"), ("count", "1"), ("existence", "yes"), ("existence", "No")]
@@ -167,7 +186,7 @@ def test_record_validation_and_round_trip():
 
 def test_summary_serialises_to_json():
     summary = summarize_qa(_pope_records(), reference_answers={"existence": ["yes", "no", "no"]})
-    assert set(summary) == {"overall", "by_category", "pope", "pope_held_out", "held_out", "chance"}
+    assert set(summary) == {"overall", "by_category", "pope", "pope_held_out", "novel_objects", "held_out", "chance"}
     assert json.loads(json.dumps(summary)) == summary
 
 
@@ -197,6 +216,10 @@ def test_evaluate_qa_shards_batches_and_metadata(qa_shards):
     assert [r.pope_type for r in records] == [m["pope_type"] for m in metas]
     assert [r.held_out for r in records] == [bool(m["held_out"]) for m in metas]
     assert any(r.held_out for r in records) and not all(r.held_out for r in records)
+    for r, m in zip(records, metas):  # from the program; checked here against the question's words
+        if r.category == "existence":
+            assert r.novel_object == any(f"{c} {s}" in m["question"] for c, s in m["held_out"]), m
+    assert any(r.novel_object for r in records if r.category == "existence")
     assert [r.correct for r in records] == [m["answer"] == "yes" for m in metas]
     positives = [r for r in records if r.pope_type == "positive"]
     assert pope_metrics(records)["all"]["recall"] == (1.0 if positives else 0.0)

@@ -128,6 +128,10 @@ def _pope_table(metrics: dict[str, Any]) -> list[str]:
         for kind, s in rows:
             lines.append(f"| {arm} | {kind} | {_pct(s['precision'])} | {_pct(s['recall'])} | {_pct(s['f1'])} | "
                          f"{_pct(s['yes_rate'])} | {s['total']} |")
+        novel = metrics["arms"][arm]["per_seed"][0]["qa"].get("novel_objects", {})
+        if novel.get("total"):  # confirming a combination never trained on: generalisation, not hallucination
+            lines.append(f"| {arm} | none: present objects of a held-out combo | | {_pct(novel['recall'])} | | | "
+                         f"{novel['total']} |")
     return lines
 
 
@@ -176,6 +180,9 @@ def _stage3_lines(metrics: dict[str, Any]) -> list[str]:
             row(f"POPE F1 %, {name}", f"qa.pope_held_out.{group}.f1",
                 lambda q, g=group: f"fp {q['pope_held_out'][g]['fp']} fn {q['pope_held_out'][g]['fn']} "
                                    f"of {q['pope_held_out'][g]['total']}")
+    if all(first[a]["qa"].get("novel_objects", {}).get("total") for a in arms):
+        row("held-out combos present, confirmed %", "qa.novel_objects.recall",
+            lambda q: f"{q['novel_objects']['confirmed']}/{q['novel_objects']['total']}")
     row("captions BLEU-4", "captioning.bleu_4")
     row("captions CIDEr-D", "captioning.cider_d", scale=1, digits=3)
     return lines

@@ -62,7 +62,9 @@ Predictor = Callable[[list[Any], list[str]], Sequence[str]]
 
 @dataclass(frozen=True)
 class QARecord:
-    """One answered question. ``pope_type`` only for existence questions; ``held_out`` None when unknown."""
+    """One answered question. ``pope_type`` only for existence questions; ``held_out`` (the scene holds a held-out
+    combo) None when unknown; ``novel_object``: the question names a held-out combo that is in its scene (None
+    when unknown)."""
 
     prediction: str
     answer: str
@@ -71,6 +73,7 @@ class QARecord:
     held_out: bool | None = None
     question: str = ""
     key: str = ""
+    novel_object: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("prediction", "answer", "category", "question", "key"):
@@ -78,8 +81,9 @@ class QARecord:
                 raise ValueError(f"QARecord.{name} must be a str, got {type(getattr(self, name)).__name__}")
         if self.pope_type is not None and self.pope_type not in POPE_TYPES:
             raise ValueError(f"QARecord.pope_type {self.pope_type!r} is not one of {POPE_TYPES}")
-        if self.held_out is not None and not isinstance(self.held_out, bool):
-            raise ValueError(f"QARecord.held_out must be a bool or None, got {self.held_out!r}")
+        for name in ("held_out", "novel_object"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"QARecord.{name} must be a bool or None, got {getattr(self, name)!r}")
 
     @property
     def correct(self) -> bool:
@@ -185,6 +189,17 @@ def pope_by_held_out(records: Iterable[QARecord], category: str = EXISTENCE_CATE
     return {name: _pope_scores(group) for name, group in groups.items() if group}
 
 
+def novel_object_recall(records: Iterable[QARecord], category: str = EXISTENCE_CATEGORY) -> dict[str, Any]:
+    """How many present objects of a held-out combo the model confirms: ``{confirmed, total, recall}`` over the
+    POPE-positive ``category`` records with ``novel_object=True`` (recall None when there are none).
+
+    POPE on scenes with a held-out combo mixes two things: denying absent objects (hallucination) and confirming
+    an object of a combination never seen in training (compositional generalisation). This is the second alone."""
+    asked = [r for r in records if r.category == category and r.pope_type == "positive" and r.novel_object]
+    confirmed = sum(normalize_answer(r.prediction) == "yes" for r in asked)
+    return {"confirmed": confirmed, "total": len(asked), "recall": confirmed / len(asked) if asked else None}
+
+
 def held_out_accuracy(records: Iterable[QARecord]) -> dict[str, Any]:
     """Accuracy on compositional held-out vs seen records, overall and per category.
 
@@ -258,12 +273,13 @@ def summarize_qa(
     records: Sequence[QARecord], reference_answers: Mapping[str, Iterable[str]] | None = None
 ) -> dict[str, Any]:
     """Everything above in one JSON-ready dict: ``overall``, ``by_category``, ``pope``, ``pope_held_out``,
-    ``held_out`` and, with ``reference_answers``, ``chance`` (majority answer on these records)."""
+    ``novel_objects``, ``held_out`` and, with ``reference_answers``, ``chance`` (majority answer on these records)."""
     summary: dict[str, Any] = {
         "overall": accuracy(records),
         "by_category": accuracy_by_category(records),
         "pope": pope_metrics(records),
         "pope_held_out": pope_by_held_out(records),
+        "novel_objects": novel_object_recall(records),
         "held_out": held_out_accuracy(records),
     }
     if reference_answers is not None:
@@ -282,6 +298,18 @@ def _held_out_flag(meta: Mapping[str, Any]) -> bool | None:
     if isinstance(value, (list, tuple)):
         return len(value) > 0
     raise ValueError(f"QA metadata 'held_out' must be a bool or a list, got {value!r}")
+
+
+def _novel_object_flag(meta: Mapping[str, Any]) -> bool | None:
+    """Whether the question's program names (by colour and shape) one of the held-out combos listed as in its
+    scene (the shapes world's ``meta["program"]["where"]`` and ``meta["held_out"]``); None without both."""
+    where = (meta.get("program") or {}).get("where") if isinstance(meta.get("program"), Mapping) else None
+    held = meta.get("held_out")
+    if not isinstance(where, Mapping) or not isinstance(held, (list, tuple)):
+        return None
+    if not ("color" in where and "shape" in where):
+        return False
+    return [where["color"], where["shape"]] in [list(c) for c in held]
 
 
 def evaluate_qa_shards(
@@ -327,6 +355,7 @@ def evaluate_qa_shards(
                     held_out=_held_out_flag(meta),
                     question=sample["question"],
                     key=sample["key"],
+                    novel_object=_novel_object_flag(meta),
                 )
             )
         batch.clear()
