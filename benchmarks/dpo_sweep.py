@@ -45,7 +45,8 @@ def summary_scores(qa: dict) -> dict:
     false_yes = {t: qa["pope"][t]["fp"] for t in POPE_NEGATIVE_TYPES if t in qa["pope"]}
     return {"qa": qa["overall"]["accuracy"], **{c: qa["by_category"].get(c, {}).get("accuracy") for c in CATEGORIES},
             "pope_f1": pope.get("f1"), "yes_rate": pope.get("yes_rate"),
-            "pope_counts": {k: pope.get(k) for k in ("tp", "fp", "tn", "fn", "invalid")}, "false_yes": false_yes}
+            "pope_counts": {k: pope.get(k) for k in ("tp", "fp", "tn", "fn", "invalid")}, "false_yes": false_yes,
+            "novel_objects": qa["novel_objects"]}
 
 
 def score(model, raw: Path, splits: list[str], questions: int, references) -> dict:
@@ -127,15 +128,16 @@ def main() -> None:
     cols = ["qa", *CATEGORIES, "pope_f1", "yes_rate"]
     print(f"pooled over {', '.join(splits)}; POPE F1 of each split beside")
     print("| arm | run | " + " | ".join(cols) + " | " + " | ".join(f"{s} F1" for s in splits)
-          + " | false yes: random / popular / adversarial | false no | train s |")
-    print("|---|---|" + "---|" * (len(cols) + len(splits) + 3))
+          + " | false yes: random / popular / adversarial | false no | held-out combos confirmed | train s |")
+    print("|---|---|" + "---|" * (len(cols) + len(splits) + 4))
     for r in rows:
         cells = ["–" if r.get(c) is None else f"{100 * r[c]:.1f}" for c in cols]
         cells += ["–" if r["by_split"][s]["pope_f1"] is None else f"{100 * r['by_split'][s]['pope_f1']:.1f}"
                   for s in splits]
         false_yes = " / ".join(str(r["false_yes"].get(t, "–")) for t in POPE_NEGATIVE_TYPES)
+        novel = f"{r['novel_objects']['confirmed']}/{r['novel_objects']['total']}"
         print(f"| {r['arm']} | {r['run']} | " + " | ".join(cells)
-              + f" | {false_yes} | {r['pope_counts']['fn']} | {r.get('seconds', '')} |")
+              + f" | {false_yes} | {r['pope_counts']['fn']} | {novel} | {r.get('seconds', '')} |")
 
 
 if __name__ == "__main__":

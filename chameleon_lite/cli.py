@@ -118,8 +118,14 @@ def _data_fashion_mnist(args: argparse.Namespace) -> int:
 def _data_preference_pairs(args: argparse.Namespace) -> int:
     import json
 
+    from chameleon_lite.comparison.config import PreferenceStage
     from chameleon_lite.world.preference_pairs import build_preference_pairs, write_preference_shards
 
+    try:  # checked before a model is loaded
+        stage = PreferenceStage(extra_existence=args.extra_existence, negated_twins=args.negated_twins,
+                                negative_types=args.negative_types.split(",") if args.negative_types else None)
+    except ValueError as err:
+        raise SystemExit(f"chameleon-lite data preference-pairs: {err}") from err
     answer_fn = None
     if args.model:
         from chameleon_lite.comparison.evaluate import answer_questions
@@ -132,10 +138,6 @@ def _data_preference_pairs(args: argparse.Namespace) -> int:
         def answer_fn(images, questions):
             return answer_questions(model, images, questions)
 
-    from chameleon_lite.comparison.config import PreferenceStage
-
-    stage = PreferenceStage(extra_existence=args.extra_existence, negated_twins=args.negated_twins,
-                            negative_types=args.negative_types.split(",") if args.negative_types else None)
     pairs, summary = build_preference_pairs(args.raw, pairs=args.pairs, seed=args.seed, answer_fn=answer_fn,
                                             **stage.pair_options())
     written = write_preference_shards(pairs, args.out, overwrite=args.overwrite)
@@ -405,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "is drawn from the category's answers")
     prefs.add_argument("--seed", type=int, default=0, help="scene order and perturbations")
     prefs.add_argument("--extra-existence", type=int,
-                       help="per scene, this many more existence questions asked of its ground truth (default 4, "
-                            "the shipped recipe; 0 = only the split's own questions)")
+                       help="per scene, this many more existence questions asked of its ground truth, an even "
+                            "number (default 2, the shipped recipe; 0 = only the split's own questions)")
     prefs.add_argument("--negative-types",
                        help="POPE types of those questions' absent objects, comma-separated (default: adversarial)")
     prefs.add_argument("--negated-twins", action="store_true",

@@ -321,6 +321,8 @@ def test_stage3_pair_options_keep_the_pair_builders_recipe_unless_set():
         "extra_existence": 0, "negative_types": ["random"], "negated_twins": False}
     with pytest.raises(ValueError, match="extra_existence"):
         PreferenceStage(extra_existence=-1)
+    with pytest.raises(ValueError, match="must be even"):  # refused before any model is trained
+        PreferenceStage(extra_existence=1)
 
 
 def test_report_names_the_held_out_validation_scenes_only_when_the_world_has_them():

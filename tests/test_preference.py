@@ -173,10 +173,13 @@ def test_extra_existence_pairs_are_true_balanced_and_of_the_asked_type(world):
     plain, _ = build_preference_pairs(world, pairs=200, seed=0, extra_existence=0)  # the split's questions only
     assert not any(p.source == "asked" for p in plain)
     shipped, _ = build_preference_pairs(world, pairs=200, seed=0)  # the defaults: the recipe chosen on validation
-    assert [(p.prompt, p.chosen) for p in shipped if p.source == "asked"] == [
-        (p.prompt, p.chosen) for p in pairs if p.source == "asked"]
+    two, _ = build_preference_pairs(world, pairs=200, seed=0, extra_existence=2, negative_types=["adversarial"])
+    assert [(p.prompt, p.chosen) for p in shipped] == [(p.prompt, p.chosen) for p in two]
+    assert sum(p.source == "asked" for p in shipped) < len(asked)  # one couple per scene instead of two
     with pytest.raises(ValueError, match="negative_types"):
         build_preference_pairs(world, pairs=5, extra_existence=2, negative_types=["positive"])
+    with pytest.raises(ValueError, match="must be even"):  # an odd count would silently ask one fewer
+        build_preference_pairs(world, pairs=5, extra_existence=3)
 
 
 def test_a_test_scene_among_the_training_shards_is_refused(world, tmp_path):
@@ -305,3 +308,16 @@ def test_shipped_dpo_recipes_match_between_the_arms():
                 "model.init_args.sft_weight", "trainer.max_steps",
                 "data.init_args.batch_size", "trainer.gradient_clip_val"):
         assert OmegaConf.select(native, key) == OmegaConf.select(baseline, key), key
+
+
+def test_cli_writes_pairs_and_refuses_an_odd_extra_existence_before_reading(world, tmp_path, capsys):
+    from chameleon_lite.cli import main
+
+    out = tmp_path / "prefs"
+    assert main(["data", "preference-pairs", "--raw", str(world), "--pairs", "20", "--out", str(out)]) == 0
+    assert "20 preference pairs" in capsys.readouterr().out
+    assert len(read_preference_pairs(str(out / "prefs-*.tar"))) == 20
+    with pytest.raises(SystemExit, match="must be even"):
+        main(["data", "preference-pairs", "--raw", str(world), "--pairs", "20", "--out", str(tmp_path / "odd"),
+              "--extra-existence", "3", "--model", str(tmp_path / "no-such-model")])
+    assert not (tmp_path / "odd").exists()

@@ -98,7 +98,7 @@ class PreferenceStage:
     on_policy: bool = True  # the arm's own wrong greedy answers are the rejected side of non-yes/no questions
     # per scene, this many more existence questions asked of its ground truth (couples of a present and an absent
     # combo of the negative_types), each followed by its negated twin when negated_twins; None = the pair builder's
-    # shipped recipe (world.preference_pairs.EXTRA_EXISTENCE, EXTRA_NEGATIVE_TYPES: 4, adversarial)
+    # shipped recipe (world.preference_pairs.EXTRA_EXISTENCE, EXTRA_NEGATIVE_TYPES: 2, adversarial)
     extra_existence: int | None = None
     negative_types: list[str] | None = None
     negated_twins: bool = False
@@ -108,6 +108,9 @@ class PreferenceStage:
         if self.pairs < 0 or self.val_pairs < 0 or (self.extra_existence or 0) < 0:
             raise ValueError(f"stage3.pairs={self.pairs}, stage3.val_pairs={self.val_pairs} and "
                              f"stage3.extra_existence={self.extra_existence} must be >= 0")
+        if (self.extra_existence or 0) % 2:
+            raise ValueError(f"stage3.extra_existence={self.extra_existence} must be even (couples of a present and "
+                             "an absent combo)")
 
     def pair_options(self) -> dict[str, Any]:
         """The keyword arguments of ``build_preference_pairs`` this stage sets (None fields keep its defaults)."""

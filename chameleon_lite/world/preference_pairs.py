@@ -54,9 +54,10 @@ __all__ = ["PreferencePair", "PAIR_KINDS", "PAIRS_PREFIX", "EXTRA_EXISTENCE", "E
            "build_preference_pairs", "write_preference_shards", "read_preference_pairs", "perturb_scene"]
 
 PAIR_KINDS = ("yes_no", "answer", "caption")
-# the shipped recipe's extra existence questions, chosen on the validation split (docs/dpo.md): per scene 4 more
-# (2 present, 2 absent) whose absent objects share a colour or a shape with one in the scene (POPE's adversarial)
-EXTRA_EXISTENCE = 4
+# the shipped recipe's extra existence questions, chosen on the validation splits val + val_held_out (docs/dpo.md):
+# per scene 2 more (1 present, 1 absent) whose absent object shares a colour or a shape with one in the scene
+# (POPE's adversarial)
+EXTRA_EXISTENCE = 2
 EXTRA_NEGATIVE_TYPES = ("adversarial",)
 PAIRS_PREFIX = "prefs"
 YES_NO = ("yes", "no")
@@ -179,7 +180,7 @@ def build_preference_pairs(raw: str | os.PathLike, *, pairs: int, seed: int = 0,
     ``extra_existence``: per scene, that many more existence questions asked of its ground truth as ``yes_no``
     pairs (source ``asked``; 0 = none), in couples of a present combo and a new absent one of a type in
     ``negative_types`` (POPE's random / popular / adversarial), never about a held-out combo. The defaults
-    (``EXTRA_EXISTENCE`` adversarial) are the shipped recipe, chosen on the validation split. ``negated_twins``:
+    (``EXTRA_EXISTENCE`` adversarial) are the shipped recipe, chosen on the validation splits. ``negated_twins``:
     each extra question is followed by its negated twin ("Is it true that there is no ...?", category
     ``negation``, the other answer). Returns the pairs and a summary (counts by kind and source, scenes used,
     chosen yes/no).
@@ -192,6 +193,9 @@ def build_preference_pairs(raw: str | os.PathLike, *, pairs: int, seed: int = 0,
     if extra_existence < 0 or not negative_types or any(t not in POPE_NEGATIVE_TYPES for t in negative_types):
         raise ValueError(f"need extra_existence >= 0 and negative_types a non-empty subset of {POPE_NEGATIVE_TYPES}, "
                          f"got {extra_existence!r} and {negative_types!r}")
+    if extra_existence % 2:
+        raise ValueError(f"extra_existence must be even (the questions come in couples of a present and an absent "
+                         f"combo), got {extra_existence}")
     raw = Path(raw)
     spec = load_world_spec(raw)
     world, held_out = spec.world, frozenset(spec.split().held_out)
