@@ -537,8 +537,8 @@ def test_val_held_out_scenes_are_each_built_around_a_held_out_combo():
     assert {c for f in flags for c in f} == set(split.held_out)
     test = split.sampler("test", 0)
     held_out_test = [s for s, f in (test.sample_flagged() for _ in range(300)) if f]
-    twins = set(held_out_test) & set(split.sampler("val_held_out", 0).sample_many(300))
-    assert len(twins) < 10  # another stream than test's: a repeated scene is a coincidence of a small world
+    same = [a == b for a, b in zip(held_out_test, split.sampler("val_held_out", 0).sample_many(300))]
+    assert sum(same) < 5, sum(same)  # another stream than test's (a scene may repeat by chance, not in step)
 
 
 def test_split_rejects_non_compositional_held_out_sets():
