@@ -25,7 +25,6 @@ from chameleon_lite.comparison.run import precision_overrides
 from chameleon_lite.comparison.training import train_preference
 from chameleon_lite.eval.understanding import QARecord, reference_answers_from_shards, summarize_qa
 from chameleon_lite.training.lit_preference import load_policy
-from chameleon_lite.world.language import POPE_NEGATIVE_TYPES
 from chameleon_lite.world.preference_pairs import (
     EXTRA_EXISTENCE,
     EXTRA_NEGATIVE_TYPES,
@@ -34,6 +33,7 @@ from chameleon_lite.world.preference_pairs import (
     build_preference_pairs,
     write_preference_shards,
 )
+from chameleon_lite.world.questions import POPE_NEGATIVE_TYPES
 
 CATEGORIES = ("count", "color", "shape", "binding", "spatial", "negation", "existence")
 

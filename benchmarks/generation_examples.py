@@ -17,7 +17,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from chameleon_lite import ChameleonLite
-from chameleon_lite.world.language import describe, make_questions
+from chameleon_lite.world.language import describe
+from chameleon_lite.world.questions import make_questions
 from chameleon_lite.world.render import render_scene
 from chameleon_lite.world.scene_parser import parse_scene
 from chameleon_lite.world.scenes import WorldConfig

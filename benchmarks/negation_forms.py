@@ -3,7 +3,7 @@ kind of negated question a stage of training loses (docs/dpo.md).
 
     python benchmarks/negation_forms.py --raw runs/demo/data --split val MODEL_DIR [MODEL_DIR ...]
 
-Forms, from each question's program (``world/language.py``): ``no_combo`` "Is it true that there is no red
+Forms, from each question's program (``world/questions.py``): ``no_combo`` "Is it true that there is no red
 square?" split by whether the combo is ``present`` in the scene (answer "no") or ``absent`` ("yes"); ``none_color``
 "Is it true that none of the objects is red?"; ``count`` "How many objects are not red?"; ``query`` "What colour
 is the object that is not a square?". Prints right/total per form and model. Reads only the split given.
@@ -18,7 +18,7 @@ from pathlib import Path
 from chameleon_lite.comparison.evaluate import answer_questions
 from chameleon_lite.data.readers import qa_dataset
 from chameleon_lite.training.lit_preference import load_policy
-from chameleon_lite.world.language import normalize_answer
+from chameleon_lite.world.questions import normalize_answer
 
 
 def form(sample: dict) -> str:

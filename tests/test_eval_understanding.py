@@ -22,7 +22,7 @@ from chameleon_lite.eval.understanding import (
     reference_answers_from_shards,
     summarize_qa,
 )
-from chameleon_lite.world.language import normalize_answer
+from chameleon_lite.world.questions import normalize_answer
 from chameleon_lite.world.scenes import WorldConfig
 from chameleon_lite.world.shapes_world import ShapesWorldSpec, iter_samples
 

@@ -11,7 +11,7 @@ import torch
 from chameleon_lite.cli import main
 from chameleon_lite.data.readers import interleaved_dataset, pair_dataset, qa_dataset
 from chameleon_lite.safe_io import read_manifest
-from chameleon_lite.world.language import CATEGORIES
+from chameleon_lite.world.questions import CATEGORIES
 from chameleon_lite.world.scenes import Scene
 from chameleon_lite.world.shapes_world import ShapesWorldSpec, iter_samples, load_world_spec, write_shapes_world
 from chameleon_lite.world.splits import SPLITS

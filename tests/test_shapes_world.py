@@ -11,17 +11,15 @@ import numpy as np
 import pytest
 
 from chameleon_lite.world.edits import EDIT_KINDS, apply_edit, make_document, make_edit, sample_edit
-from chameleon_lite.world.language import (
+from chameleon_lite.world.language import cell_name, describe, plural
+from chameleon_lite.world.programs import answer_question
+from chameleon_lite.world.questions import (
     CATEGORIES,
     POPE_NEGATIVE_TYPES,
     POPE_TYPES,
     QA,
-    answer_question,
-    cell_name,
-    describe,
     existence_question,
     make_questions,
-    plural,
 )
 from chameleon_lite.world.render import render_scene
 from chameleon_lite.world.scenes import (
@@ -210,7 +208,7 @@ def _resolve(scene: Scene, phrase: str) -> SceneObject:
 
 
 # ---------------------------------------------------------------------------------------- questions
-# The oracle below re-implements the program semantics from scratch (no code shared with language.py).
+# The oracle below re-implements the program semantics from scratch (no code shared with questions.py).
 
 
 def _oracle_match(o: SceneObject, where: dict) -> bool:
@@ -557,7 +555,8 @@ def test_generation_does_not_depend_on_python_hash_seed():
     script = (
         "import random, hashlib, json\n"
         "from chameleon_lite.world.scenes import WorldConfig\n"
-        "from chameleon_lite.world.language import describe, make_questions\n"
+        "from chameleon_lite.world.language import describe\n"
+        "from chameleon_lite.world.questions import make_questions\n"
         "from chameleon_lite.world.edits import make_document\n"
         "from chameleon_lite.world.splits import CompositionalSplit\n"
         "split, config, rng, out = CompositionalSplit(), WorldConfig(), random.Random(1), []\n"

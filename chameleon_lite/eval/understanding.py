@@ -14,7 +14,7 @@ Notable choices:
   answer; a prediction counts as "yes" only if it normalises to exactly ``"yes"`` (anything else, including
   junk, counts as "no"; ``invalid`` counts predictions that are neither "yes" nor "no"). As in POPE's three
   settings, each negative type (``random``, ``popular``, ``adversarial``; the names of
-  ``chameleon_lite.world.language.POPE_NEGATIVE_TYPES``) is scored on **all positive questions plus the
+  ``chameleon_lite.world.questions.POPE_NEGATIVE_TYPES``) is scored on **all positive questions plus the
   negatives of that type**; ``all`` pools every existence question. Precision/recall/F1 with no predicted
   (or no actual) positives are 0, not undefined.
 - **Held-out vs seen** (``held_out_accuracy``, ``pope_by_held_out``): ``QARecord.held_out`` says whether the
@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from chameleon_lite.world.language import POPE_NEGATIVE_TYPES, POPE_TYPES, normalize_answer
+from chameleon_lite.world.questions import POPE_NEGATIVE_TYPES, POPE_TYPES, normalize_answer
 
 __all__ = [
     "EXISTENCE_CATEGORY",

@@ -40,13 +40,8 @@ from PIL import Image
 from chameleon_lite.data.readers import list_shards, pair_dataset, qa_dataset
 from chameleon_lite.data.shards import write_shards
 from chameleon_lite.tokenization.image_preprocessing import to_rgb
-from chameleon_lite.world.language import (
-    POPE_NEGATIVE_TYPES,
-    describe,
-    existence_question,
-    no_combo_question,
-    normalize_answer,
-)
+from chameleon_lite.world.language import describe
+from chameleon_lite.world.questions import POPE_NEGATIVE_TYPES, existence_question, no_combo_question, normalize_answer
 from chameleon_lite.world.scenes import Scene, SceneObject, WorldConfig
 from chameleon_lite.world.shapes_world import load_world_spec
 

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from chameleon_lite.data.shards import DATA_KIND, check_shard_names, write_shards
 from chameleon_lite.safe_io import check_listed, load_structured_yaml, record_files
 from chameleon_lite.world.edits import make_document
-from chameleon_lite.world.language import describe, make_questions
+from chameleon_lite.world.language import describe
+from chameleon_lite.world.questions import make_questions
 from chameleon_lite.world.render import render_scene
 from chameleon_lite.world.scenes import Scene, WorldConfig
 from chameleon_lite.world.splits import DEFAULT_HELD_OUT, SPLITS, CompositionalSplit
