@@ -250,10 +250,13 @@ def test_pairs_round_trip_through_shards(world, tmp_path):
 # ---------------------------------------------------------------------------------------------- scoring and training
 @pytest.mark.parametrize("arm", ["native", "baseline"])
 def test_rows_score_the_response_after_the_generation_prompt(arm, world, model_dirs):
-    from chameleon_lite.training.lit_preference import load_policy
+    from chameleon_lite.training.lit_preference import load_policy, policy_arm
 
     model = load_policy(model_dirs[arm]).eval()
+    assert policy_arm(model) == arm
     pairs, _ = build_preference_pairs(world, pairs=6, seed=0)
+    with pytest.raises(TypeError, match="BaselineVLM or a ChameleonLite"):
+        response_rows(torch.nn.Linear(2, 2), pairs, "chosen")
     rows = response_rows(model, pairs, "chosen")
     text = model.bundle.text
     expected = sum(len(text.encode(p.chosen)) + 1 for p in pairs)  # the response and its <eos>

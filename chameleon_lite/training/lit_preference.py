@@ -82,6 +82,18 @@ def _response_ids(pair: PreferencePair, side: str, bundle: Any) -> list[int]:
     return image_response("caption", {"caption": ids}, bundle.vocab)[1]
 
 
+def policy_arm(model: Any) -> str:
+    """``"baseline"`` for a ``BaselineVLM``, ``"native"`` for a ``ChameleonLite``; anything else is a ``TypeError``."""
+    from chameleon_lite.baseline.vlm import BaselineVLM
+    from chameleon_lite.native.chameleon import ChameleonLite
+
+    if isinstance(model, BaselineVLM):
+        return "baseline"
+    if isinstance(model, ChameleonLite):
+        return "native"
+    raise TypeError(f"preference tuning needs a BaselineVLM or a ChameleonLite, got {type(model).__name__}")
+
+
 def response_rows(model: Any, pairs: Sequence[PreferencePair], side: str) -> dict[str, Tensor]:
     """The tensors that score ``pair.<side>`` (``"chosen"`` or ``"rejected"``) after each pair's prompt.
 
@@ -92,8 +104,8 @@ def response_rows(model: Any, pairs: Sequence[PreferencePair], side: str) -> dic
     """
     if side not in ("chosen", "rejected"):
         raise ValueError(f"side must be 'chosen' or 'rejected', got {side!r}")
+    baseline = policy_arm(model) == "baseline"
     bundle, vocab = model.bundle, model.bundle.vocab
-    baseline = hasattr(model, "encoder")
     prompts, images = [], []
     device = model.device
     for pair in pairs:
@@ -197,7 +209,7 @@ class PreferenceModule(L.LightningModule):
 
     @property
     def arm(self) -> str:
-        return "baseline" if hasattr(self.policy, "encoder") else "native"
+        return policy_arm(self.policy)
 
     def train(self, mode: bool = True):
         super().train(mode)
