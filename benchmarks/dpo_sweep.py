@@ -33,9 +33,7 @@ from chameleon_lite.world.preference_pairs import (
     build_preference_pairs,
     write_preference_shards,
 )
-from chameleon_lite.world.questions import POPE_NEGATIVE_TYPES
-
-CATEGORIES = ("count", "color", "shape", "binding", "spatial", "negation", "existence")
+from chameleon_lite.world.questions import CATEGORIES, POPE_NEGATIVE_TYPES
 
 
 def summary_scores(qa: dict) -> dict:
@@ -51,14 +49,11 @@ def summary_scores(qa: dict) -> dict:
 
 def score(model, raw: Path, splits: list[str], questions: int, references) -> dict:
     """Scores on the first ``questions`` questions of each split, pooled; ``by_split``: each split's own."""
-    records: dict[str, list[QARecord]] = {}
-    for split in splits:
-        qa = evaluate_qa(model, str(raw / split / "qa-*.tar"), limit=questions, reference_answers=references,
-                         progress=False)
-        records[split] = [QARecord(**r) for r in qa["records"]]
-    pooled = summarize_qa([r for split in splits for r in records[split]])
-    return {**summary_scores(pooled), "questions": {s: len(records[s]) for s in splits},
-            "by_split": {s: summary_scores(summarize_qa(records[s])) for s in splits}}
+    per_split = {split: evaluate_qa(model, str(raw / split / "qa-*.tar"), limit=questions,
+                                    reference_answers=references, progress=False) for split in splits}
+    pooled = summarize_qa([QARecord(**r) for split in splits for r in per_split[split]["records"]])
+    return {**summary_scores(pooled), "questions": {s: len(per_split[s]["records"]) for s in splits},
+            "by_split": {s: summary_scores(per_split[s]) for s in splits}}
 
 
 def main() -> None:

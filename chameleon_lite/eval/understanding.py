@@ -303,8 +303,8 @@ def _held_out_flag(meta: Mapping[str, Any]) -> bool | None:
 def _novel_object_flag(meta: Mapping[str, Any]) -> bool | None:
     """Whether the question's program names (by colour and shape) one of the held-out combos listed as in its
     scene (the shapes world's ``meta["program"]["where"]`` and ``meta["held_out"]``); None without both."""
-    where = (meta.get("program") or {}).get("where") if isinstance(meta.get("program"), Mapping) else None
-    held = meta.get("held_out")
+    program, held = meta.get("program"), meta.get("held_out")
+    where = program.get("where") if isinstance(program, Mapping) else None
     if not isinstance(where, Mapping) or not isinstance(held, (list, tuple)):
         return None
     if not ("color" in where and "shape" in where):

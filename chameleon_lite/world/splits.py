@@ -93,9 +93,7 @@ class SplitSampler:
 
     def sample(self) -> Scene:
         rng, config = self._rng, self.split.config
-        if self.name == "val_held_out":
-            return sample_scene(rng, config, require_combo=rng.choice(self._held_out))
-        if self.name == "test" and rng.random() < self.split.test_held_out_fraction:
+        if self.name == "val_held_out" or (self.name == "test" and rng.random() < self.split.test_held_out_fraction):
             return sample_scene(rng, config, require_combo=rng.choice(self._held_out))
         return sample_scene(rng, config, exclude_combos=self.split.held_out)
 
