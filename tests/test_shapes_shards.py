@@ -19,7 +19,7 @@ from chameleon_lite.world.splits import SPLITS
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    spec = ShapesWorldSpec(train=1000, val=8, test=8, seed=3, shard_size=250)
+    spec = ShapesWorldSpec(train=400, val=8, test=8, seed=3, shard_size=100)
     out = tmp_path_factory.mktemp("shapes")
     counts = write_shapes_world(spec, out, progress=False)
     return spec, out, counts
@@ -31,7 +31,7 @@ def _digest(directory):
 
 def test_pairs_read_back_identical(world):
     spec, out, counts = world
-    assert counts["train"]["pairs"] == 1000 and len(list((out / "train").glob("pairs-*.tar"))) == 4
+    assert counts["train"]["pairs"] == 400 and len(list((out / "train").glob("pairs-*.tar"))) == 4
     read = list(pair_dataset(str(out / "train" / "pairs-*.tar")))
     expected = list(iter_samples(spec, "train", "pairs"))
     assert [s["key"] for s in read] == [e["__key__"] for e in expected]
@@ -52,7 +52,7 @@ def test_qa_and_docs_read_back_identical(world):
     ]
     assert {q["category"] for q in qa} == set(CATEGORIES)
     docs = list(interleaved_dataset(str(out / "train" / "docs-*.tar")))
-    assert len(docs) == 1000
+    assert len(docs) == 400
     for doc, want in zip(docs[:50], iter_samples(spec, "train", "docs")):
         kinds = ["text" if isinstance(s, str) else "image" for s in doc["segments"]]
         assert kinds == ["text", "image", "text", "image"]  # caption, scene, edit, edited scene
@@ -67,8 +67,8 @@ def test_regeneration_is_byte_identical(world, tmp_path):
     write_shapes_world(small, tmp_path / "b", progress=False)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert load_world_spec(tmp_path / "a") == small
-    # the first 120 training scenes of the 1000-scene world are the same scenes
-    first = [s["text"] for s in pair_dataset(str(out / "train" / "pairs-000000.tar"))][:120]
+    # the first 120 training scenes of the 400-scene world are the same scenes
+    first = [s["text"] for s in pair_dataset(str(out / "train" / "pairs-*.tar"))][:120]
     assert first == [s["text"] for s in pair_dataset(str(tmp_path / "a" / "train" / "pairs-*.tar"))]
 
 
@@ -82,7 +82,7 @@ def test_same_samples_with_one_or_two_workers(world, seeded_shuffle):
         return [(s["key"], s["text"]) for s in loader]
 
     one, two = read(1), read(2)
-    assert len(one) == 1000 and sorted(one) == sorted(two)
+    assert len(one) == 400 and sorted(one) == sorted(two)
     assert read(2) == two  # same worker count, same order
 
 
