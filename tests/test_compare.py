@@ -82,7 +82,10 @@ def test_compare_on_a_toy_budget_writes_a_complete_report(toy, tmp_path, monkeyp
         assert s3["training"]["pairs_seen"] == 12 and s3["training"]["steps"] == 3
         assert s3["pairs"]["pairs"] == 16 and sum(s3["pairs"]["by_kind"].values()) == 16
         assert s3["pairs"]["by_source"]["asked"] >= 2  # the extra existence questions reach the pairs
-        assert s3["after"]["qa"]["overall"]["total"] == 12 and "records" not in s3["after"]["qa"]
+        assert s3["after"]["qa"]["overall"]["total"] == 12
+        # the tuned model's records are kept like the untuned one's: the same questions, its own answers
+        tuned = {"qa": s3["after"]["qa"], "model_dir": s3["training"]["model_dir"]}
+        _check_qa_records_are_the_models_answers(arm, tuned, toy)
         assert "stage3.after.qa.overall.accuracy" in summary
         assert Path(s3["training"]["model_dir"]).is_dir() and s3["training"]["model_dir"] != run["model_dir"]
     native, baseline = (metrics["arms"][a]["per_seed"][0] for a in ("native", "baseline"))

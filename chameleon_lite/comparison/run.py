@@ -143,7 +143,8 @@ def _preference_stage(arm: str, model: Any, model_dir: str, cfg: CompareConfig, 
                       precision: list[str], parse, references, bar: PipelineProgress) -> dict[str, Any]:
     """Stage 3 of one arm: pairs from the training split (on-policy: this model's wrong answers), DPO from
     ``model_dir``, then the same evaluation again. Returns the pairs' summary, the training cost and ``after``
-    (QA and captions of the tuned model; text->image is not re-run, DPO trains text responses only)."""
+    (QA with its per-question records, as before tuning, and captions of the tuned model; text->image is not
+    re-run, DPO trains text responses only)."""
     from chameleon_lite.comparison.evaluate import answer_questions
     from chameleon_lite.comparison.training import train_preference
     from chameleon_lite.world.preference_pairs import PAIRS_PREFIX, build_preference_pairs, write_preference_shards
@@ -165,7 +166,7 @@ def _preference_stage(arm: str, model: Any, model_dir: str, cfg: CompareConfig, 
     no_images = replace(cfg, eval=replace(cfg.eval, text_to_image=0))
     after, _ = _evaluate_arm(arm, tuned, no_images, parse, references, False)
     return {"pairs": summary, "training": training,
-            "after": {"qa": _qa_numbers(after["qa"]), "captioning": after["captioning"]}}
+            "after": {"qa": after["qa"], "captioning": after["captioning"]}}
 
 
 def _load(arm: str, model_dir: str, device: str = "cpu") -> Any:
