@@ -42,7 +42,8 @@ import torch
 from chameleon_lite.generation.fast_decode import decode_threads
 from chameleon_lite.generation.native import generate_ids
 from chameleon_lite.generation.sampling import ModalityConstraint, SamplingParams
-from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import Decoder
 from chameleon_lite.model.hf_port import export_hf_chameleon_state, hf_chameleon_config
 from chameleon_lite.tokenization.vocab import Vocab
 

@@ -42,7 +42,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from chameleon_lite.model.attention import flex_attention_available, xformers_available
-from chameleon_lite.model.decoder import Decoder, DecoderConfig, next_token_loss
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import Decoder, next_token_loss
 from chameleon_lite.model.model_dir import resolve_bundle_path
 from chameleon_lite.tokenization.bundle import load_bundle
 from chameleon_lite.training.lit_native import decoder_param_groups, flops_per_token

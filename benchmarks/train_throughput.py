@@ -21,7 +21,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from chameleon_lite.model.decoder import DecoderConfig, next_token_loss
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import next_token_loss
 from chameleon_lite.tokenization.vocab import Vocab
 from chameleon_lite.training.lit_native import NativeLMModule, decoder_param_groups
 from chameleon_lite.training.schedules import warmup_cosine

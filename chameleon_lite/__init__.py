@@ -23,7 +23,7 @@ _LAZY_ATTRIBUTES = {  # name -> module that defines it
     "TokenizerBundle": "chameleon_lite.tokenization.bundle",
     "load_bundle": "chameleon_lite.tokenization.bundle",
     "Vocab": "chameleon_lite.tokenization.vocab",
-    "DecoderConfig": "chameleon_lite.model.decoder",
+    "DecoderConfig": "chameleon_lite.model.config",
     "GenerationConfig": "chameleon_lite.generation.config",
 }
 

@@ -16,7 +16,8 @@ from chameleon_lite.baseline.vlm import (
     parameter_counts,
 )
 from chameleon_lite.data.baseline_data import load_image_text_samples, vlm_batch
-from chameleon_lite.model.decoder import IGNORE_INDEX, DecoderConfig
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import IGNORE_INDEX
 from chameleon_lite.tokenization.bundle import load_bundle
 from chameleon_lite.world.shapes_world import ShapesWorldSpec, write_shapes_world
 

@@ -27,7 +27,8 @@ from chameleon_lite.generation.native import generate_ids
 from chameleon_lite.generation.sampling import SamplingParams
 from chameleon_lite.generation.static_decode import CUDAGraphDecodeStep
 from chameleon_lite.model.attention import attend, build_attention_mask, flex_attention_available, xformers_available
-from chameleon_lite.model.decoder import Decoder, DecoderConfig, next_token_loss
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import Decoder, next_token_loss
 from chameleon_lite.tokenization.bundle import load_bundle
 from chameleon_lite.tokenization.vocab import Vocab
 from chameleon_lite.training.lit_native import NativeLMModule, decoder_param_groups

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chameleon_lite.model.decoder import DecoderConfig
+from chameleon_lite.model.config import DecoderConfig
 from chameleon_lite.model.presets import PRESETS, expand_presets
 from chameleon_lite.training.lightning_cli import parse_recipe
 

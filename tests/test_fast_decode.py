@@ -19,7 +19,8 @@ from chameleon_lite.generation.fast_decode import (
 )
 from chameleon_lite.generation.native import generate_ids
 from chameleon_lite.generation.sampling import SamplingParams
-from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import Decoder
 from chameleon_lite.tokenization.vocab import Vocab
 
 TINY = DecoderConfig(vocab_size=90, pad_vocab_to_multiple_of=32, d_model=32, n_layers=2, n_heads=4, mlp_hidden=48,

@@ -17,7 +17,8 @@ from chameleon_lite.model.attention import (
     positions_from_document_ids,
     resolve_backend,
 )
-from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import Decoder
 
 pytestmark = pytest.mark.skipif(not flex_attention_available(), reason="this torch has no flex_attention")
 

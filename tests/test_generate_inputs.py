@@ -27,7 +27,8 @@ from chameleon_lite.generation.baseline import generate as baseline_generate
 from chameleon_lite.generation.native import ImageCodeCache, generate_ids
 from chameleon_lite.generation.native import generate as native_generate
 from chameleon_lite.generation.sampling import SamplingParams
-from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import Decoder
 from chameleon_lite.tokenization.bundle import TokenizerBundle, load_bundle
 from chameleon_lite.tokenization.image_tokenizer import VQImageTokenizer
 from chameleon_lite.tokenization.image_tokenizer_config import ImageTokenizerConfig

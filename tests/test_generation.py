@@ -19,7 +19,8 @@ from chameleon_lite.generation.native import (
     stream,
 )
 from chameleon_lite.generation.sampling import ModalityConstraint, SamplingParams, TopK, TopP
-from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import Decoder
 from chameleon_lite.tokenization.bundle import TokenizerBundle
 from chameleon_lite.tokenization.image_tokenizer import VQImageTokenizer
 from chameleon_lite.tokenization.image_tokenizer_config import ImageTokenizerConfig

@@ -12,7 +12,8 @@ import torch
 
 from chameleon_lite.generation.engine import generate_ids
 from chameleon_lite.generation.sampling import SamplingParams
-from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import Decoder
 from chameleon_lite.native.chameleon import ChameleonLite, export_model_dir
 from chameleon_lite.shipped import resolve_path
 from chameleon_lite.tokenization.bundle import load_bundle

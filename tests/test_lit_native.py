@@ -15,7 +15,8 @@ from lightning.pytorch.loggers.logger import Logger
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import Decoder
 from chameleon_lite.model.model_dir import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE
 from chameleon_lite.native.chameleon import ChameleonLite, export_checkpoint, export_model_dir
 from chameleon_lite.tokenization.bundle import load_bundle

@@ -19,7 +19,8 @@ from chameleon_lite.model.attention import (
     resolve_backend,
     xformers_available,
 )
-from chameleon_lite.model.decoder import Decoder, DecoderConfig, next_token_loss
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import Decoder, next_token_loss
 
 TINY = DecoderConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=64, max_seq_len=64,
                      attention_backend="sdpa")

@@ -13,7 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from chameleon_lite.model.attention import positions_from_document_ids
-from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import Decoder
 from chameleon_lite.tokenization.vocab import Vocab
 from chameleon_lite.training import perf
 from chameleon_lite.training.lit_native import check_batch, flops_per_token

@@ -18,7 +18,8 @@ import math
 import pytest
 import torch
 
-from chameleon_lite.model.decoder import Decoder, DecoderConfig, next_token_loss
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import Decoder, next_token_loss
 from chameleon_lite.tokenization.vocab import Vocab
 from chameleon_lite.training import perf
 from chameleon_lite.training.perf import fastest_cpu_precision, synthetic_packed_batch

@@ -75,7 +75,8 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     from chameleon_lite.baseline.projectors import ProjectorConfig
     from chameleon_lite.baseline.vision_encoder import ViTConfig
     from chameleon_lite.baseline.vlm import BaselineConfig, BaselineVLM, write_baseline_dir
-    from chameleon_lite.model.decoder import Decoder, DecoderConfig
+    from chameleon_lite.model.config import DecoderConfig
+    from chameleon_lite.model.decoder import Decoder
     from chameleon_lite.native.chameleon import export_model_dir
     from chameleon_lite.tokenization.bundle import load_bundle
     root = tmp_path_factory.mktemp("models")

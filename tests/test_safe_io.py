@@ -17,7 +17,8 @@ from chameleon_lite.baseline.projectors import ProjectorConfig
 from chameleon_lite.baseline.vision_encoder import ViTConfig
 from chameleon_lite.baseline.vlm import BaselineConfig, BaselineVLM, load_baseline_dir, write_baseline_dir
 from chameleon_lite.cli import main as cli_main
-from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import Decoder
 from chameleon_lite.native.chameleon import (
     ChameleonLite,
     ModelDirConfig,

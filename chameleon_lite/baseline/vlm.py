@@ -42,7 +42,8 @@ from torch import nn
 
 from chameleon_lite.baseline.projectors import ProjectorConfig, build_projector
 from chameleon_lite.baseline.vision_encoder import VisionEncoder, ViTConfig
-from chameleon_lite.model.decoder import IGNORE_INDEX, Decoder, DecoderConfig
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import IGNORE_INDEX, Decoder
 from chameleon_lite.model.model_dir import CONFIG_FILE, TOKENIZER_DIR, WEIGHTS_FILE, as_bundle, check_model_dir
 from chameleon_lite.safe_io import check_writable_dir, load_structured_yaml, save_structured_yaml, write_dir
 from chameleon_lite.tokenization.bundle import TokenizerBundle, load_bundle, save_bundle

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from chameleon_lite.model.decoder import Decoder, DecoderConfig
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import Decoder
 
 _BLOCK_NAMES = {  # ours (inside layers.{i}.) -> HF (inside model.layers.{i}.)
     "attn.q_proj.weight": "self_attn.q_proj.weight",

@@ -58,7 +58,8 @@ from chameleon_lite.baseline.vlm import (
     write_baseline_dir,
 )
 from chameleon_lite.eval.r_precision import write_scorer_dir
-from chameleon_lite.model.decoder import IGNORE_INDEX, DecoderConfig, next_token_loss
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import IGNORE_INDEX, next_token_loss
 from chameleon_lite.model.model_dir import model_dir_kind, resolve_bundle_path
 from chameleon_lite.native.chameleon import load_decoder, load_model_config
 from chameleon_lite.safe_io import (

@@ -51,7 +51,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from chameleon_lite.model.decoder import IGNORE_INDEX, Decoder, DecoderConfig, next_token_loss
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import IGNORE_INDEX, Decoder, next_token_loss
 from chameleon_lite.model.model_dir import resolve_bundle_path
 from chameleon_lite.native.chameleon import write_model_dir
 from chameleon_lite.safe_io import check_writable_dir

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from chameleon_lite.model.decoder import IGNORE_INDEX, DecoderConfig
+from chameleon_lite.model.config import DecoderConfig
+from chameleon_lite.model.decoder import IGNORE_INDEX
 from chameleon_lite.tokenization.vocab import Vocab
 
 
