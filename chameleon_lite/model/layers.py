@@ -3,7 +3,7 @@ SwiGLU and the block that wires them pre-norm or swin-norm (``decoder.py`` stack
 features and where each comes from).
 
 Each block also has an inference path for decode steps: ``prepare_weights`` concatenates a block's projections
-once per generation call (q|k|v, gate|up, with the preceding norm's weight folded in) and ``project`` multiplies
+once per generation call (q|k|v, gate|up; pre-norm folds the preceding norm's weight in) and ``project`` multiplies
 by them, so a decode step makes one product where the training path makes several.
 """
 
