@@ -87,6 +87,9 @@ def test_compare_on_a_toy_budget_writes_a_complete_report(toy, tmp_path, monkeyp
         tuned = {"qa": s3["after"]["qa"], "model_dir": s3["training"]["model_dir"]}
         _check_qa_records_are_the_models_answers(arm, tuned, toy)
         assert "stage3.after.qa.overall.accuracy" in summary
+        # the POPE ranking runs before and after stage 3 (empty here: the toy's few POPE questions are all "yes";
+        # test_preference.py checks its numbers)
+        assert qa["pope_ranking"] == {} == s3["after"]["qa"]["pope_ranking"]
         assert Path(s3["training"]["model_dir"]).is_dir() and s3["training"]["model_dir"] != run["model_dir"]
     native, baseline = (metrics["arms"][a]["per_seed"][0] for a in ("native", "baseline"))
     assert native["cost"]["visual_tokens_per_image"] == 66  # <boi> + 8x8 codes + <eoi>

@@ -325,3 +325,57 @@ def test_cli_writes_pairs_and_refuses_an_odd_extra_existence_before_reading(worl
         main(["data", "preference-pairs", "--raw", str(world), "--pairs", "20", "--out", str(tmp_path / "odd"),
               "--extra-existence", "3", "--model", str(tmp_path / "no-such-model")])
     assert not (tmp_path / "odd").exists()
+
+
+# ---------------------------------------------------------------------------------------------- POPE as a ranking
+def _pope_records(world: Path) -> list[dict]:
+    """Records as ``evaluate_qa`` writes them, for every test question (answers are not needed for the ranking)."""
+    from chameleon_lite.data.readers import qa_dataset
+
+    return [{"key": s["key"], "answer": s["answer"], "pope_type": s["meta"].get("pope_type"),
+             "held_out": bool(s["meta"].get("held_out"))} for s in qa_dataset(str(world / "test" / "qa-*.tar"))]
+
+
+def test_pope_ranking_scores_exactly_the_pope_questions_by_scene(world, monkeypatch):
+    """The ranking reads the POPE questions among the records, in order, and groups them by scene; margins faked:
+    a perfect ranking on scenes of seen combos, none on scenes with a held-out combo."""
+    import chameleon_lite.comparison.evaluate as evaluate
+
+    records = _pope_records(world)
+    pope = [r for r in records if r["pope_type"] is not None]
+    assert {(r["held_out"], r["answer"]) for r in pope} == {(h, a) for h in (False, True) for a in ("yes", "no")}
+    seen_keys = []
+
+    def fake_margins(model, samples, batch_size=32):
+        seen_keys.extend(s["key"] for s in samples)
+        truth = {r["key"]: r for r in pope}
+        return torch.tensor([0.0 if truth[s["key"]]["held_out"] else (1.0 if s["answer"] == "yes" else -1.0)
+                             for s in samples])
+
+    monkeypatch.setattr(evaluate, "pope_margins", fake_margins)
+    ranked = evaluate.evaluate_pope_ranking(None, str(world / "test" / "qa-*.tar"), records)
+    assert seen_keys == [r["key"] for r in pope]
+    assert ranked["seen"]["auc"] == 1.0 and ranked["held_out"]["auc"] == 0.5
+    assert {k: ranked[k]["total"] for k in ranked} == {"all": len(pope), "seen": sum(not r["held_out"] for r in pope),
+                                                       "held_out": sum(r["held_out"] for r in pope)}
+    assert ranked["all"]["present"] == sum(r["answer"] == "yes" for r in pope)
+    assert evaluate.evaluate_pope_ranking(None, str(world / "test" / "qa-*.tar"),
+                                          [r for r in records if r["pope_type"] is None]) == {}
+
+
+@pytest.mark.parametrize("arm", ["native", "baseline"])
+def test_pope_margins_are_the_same_batched_or_one_by_one_and_keep_the_mode(world, model_dirs, arm):
+    """log p("yes") - log p("no") of either arm: batching (right-padded rows) changes no margin, and the model
+    comes back in the mode it was given in."""
+    from chameleon_lite.comparison.evaluate import pope_margins
+    from chameleon_lite.data.readers import qa_dataset
+    from chameleon_lite.training.lit_preference import load_policy
+
+    samples = [s for s in qa_dataset(str(world / "test" / "qa-*.tar")) if s["meta"].get("pope_type")]
+    model = load_policy(model_dirs[arm]).train()
+    batched = pope_margins(model, samples, batch_size=8)
+    assert model.training
+    alone = torch.cat([pope_margins(model, [s]) for s in samples])
+    assert batched.shape == (len(samples),) and torch.isfinite(batched).all()
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+    assert batched.std() > 0  # the margins depend on the question and image

@@ -3,6 +3,8 @@
 Everything goes through the models' public ``generate`` API and the generic evaluation functions of
 ``chameleon_lite.eval``: QA from any webdataset of (image, question, answer, category), captions from any pair
 shards, text-to-image from any (caption, intended scene) pairs plus a parser. Nothing reads answers into a model.
+The one exception is the POPE ranking (``pope_margins``), which scores the two candidate answers "yes" and "no"
+with the model's forward, as stage 3 scores responses.
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from chameleon_lite.data.readers import pair_dataset
+from chameleon_lite.data.readers import pair_dataset, qa_dataset
 from chameleon_lite.eval.captioning import caption_scores
 from chameleon_lite.eval.generation_scores import aggregate_generation_scores, score_generation, verdict
+from chameleon_lite.eval.pope_ranking import ranking_scores
 from chameleon_lite.eval.understanding import evaluate_qa_shards, summarize_qa
 from chameleon_lite.generation.config import GenerationConfig
 from chameleon_lite.world.scenes import Scene
 
-__all__ = ["answer_questions", "evaluate_qa", "evaluate_captions", "evaluate_text_to_image",
-           "evaluate_text_to_image_retrieval", "generate_images", "measure_latency",
+__all__ = ["answer_questions", "evaluate_qa", "evaluate_pope_ranking", "pope_margins", "evaluate_captions",
+           "evaluate_text_to_image", "evaluate_text_to_image_retrieval", "generate_images", "measure_latency",
            "peak_memory_mb", "PeakMemory", "vq_ceiling"]
 
 logger = logging.getLogger(__name__)
@@ -65,6 +68,55 @@ def evaluate_qa(model: Any, shards: str, *, limit: int | None, batch_size: int =
     summary = summarize_qa(records, reference_answers)
     summary["records"] = [r.to_dict() for r in records]
     return summary
+
+
+@torch.no_grad()
+def pope_margins(model: Any, samples: Sequence[dict[str, Any]], batch_size: int = 32) -> torch.Tensor:
+    """``log p("yes") - log p("no")`` ``(N,)`` of either arm for each ``{"image", "question"}`` sample: each answer
+    is scored after the question as stage 3 scores a response (``lit_preference.response_rows``: the answer's
+    tokens and ``<eos>``), in eval mode (the model's mode is restored)."""
+    from chameleon_lite.training.lit_preference import response_rows, sequence_logps
+    from chameleon_lite.world.preference_pairs import PreferencePair
+
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for chunk in _batched(samples, batch_size):
+            pairs = [PreferencePair(s["image"], s["question"], "yes", "no", "yes_no", "existence", "pope",
+                                    str(s.get("key", ""))) for s in chunk]
+            yes = sequence_logps(model, response_rows(model, pairs, "chosen"))  # (B,)
+            no = sequence_logps(model, response_rows(model, pairs, "rejected"))  # (B,)
+            out.append((yes - no).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def evaluate_pope_ranking(model: Any, shards: str, records: Sequence[dict[str, Any]], *,
+                          batch_size: int = 32) -> dict[str, Any]:
+    """``eval.pope_ranking.ranking_scores`` of the POPE questions among ``records`` (``evaluate_qa``'s, so the very
+    questions the report scores), as ``{"all", "seen", "held_out"}`` (scenes without / with a held-out combo; a
+    group without both present and absent objects is left out). ``{}`` when no record is a POPE question."""
+    from chameleon_lite.world.questions import normalize_answer
+
+    wanted = {r["key"]: r for r in records if r.get("pope_type") is not None}
+    samples = []
+    for sample in qa_dataset(shards) if wanted else ():
+        if sample["key"] in wanted:
+            samples.append(sample)
+            if len(samples) == len(wanted):
+                break
+    if not samples:
+        return {}
+    margin = pope_margins(model, samples, batch_size)  # (N,)
+    truth = [wanted[s["key"]] for s in samples]
+    present = torch.tensor([normalize_answer(r["answer"]) == "yes" for r in truth])  # (N,)
+    groups = {"all": torch.ones(len(truth), dtype=torch.bool),
+              "seen": torch.tensor([r.get("held_out") is False for r in truth]),
+              "held_out": torch.tensor([r.get("held_out") is True for r in truth])}
+    return {name: ranking_scores(margin[mask], present[mask]) for name, mask in groups.items()
+            if present[mask].any() and (~present[mask]).any()}
 
 
 def evaluate_captions(model: Any, shards: str, *, limit: int, batch_size: int = 32,

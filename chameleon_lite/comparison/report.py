@@ -132,6 +132,21 @@ def _pope_table(metrics: dict[str, Any]) -> list[str]:
         if novel.get("total"):  # confirming a combination never trained on: generalisation, not hallucination
             lines.append(f"| {arm} | none: present objects of a held-out combo | | {_pct(novel['recall'])} | | | "
                          f"{novel['total']} |")
+    return lines + _pope_ranking_lines(metrics)
+
+
+def _pope_ranking_lines(metrics: dict[str, Any]) -> list[str]:
+    """The POPE questions as a ranking (``eval/pope_ranking.py``), first seed; nothing where it was not measured."""
+    ranked = {a: d["per_seed"][0]["qa"].get("pope_ranking") for a, d in metrics["arms"].items()}
+    if not all(ranked.values()):
+        return []
+    lines = ["", "As a ranking: the AUC of each answer's margin log p(\"yes\") − log p(\"no\") over the same "
+             "questions (0.5: no ranking, 1: every present object above every absent one), and the F1 of the best "
+             "threshold on that margin, chosen on these questions (an oracle, a bound on any recalibration):", ""]
+    for arm, r in ranked.items():
+        by_scene = "".join(f"; {HELD_OUT_SCENES[k]} {r[k]['auc']:.3f}" for k in HELD_OUT_SCENES if k in r)
+        lines.append(f"- {arm}: AUC {r['all']['auc']:.3f}{by_scene}; best-threshold F1 {_pct(r['all']['best_f1'])} % "
+                     f"at a yes-rate of {_pct(r['all']['best_yes_rate'])} %.")
     return lines
 
 
@@ -180,6 +195,11 @@ def _stage3_lines(metrics: dict[str, Any]) -> list[str]:
             row(f"POPE F1 %, {name}", f"qa.pope_held_out.{group}.f1",
                 lambda q, g=group: f"fp {q['pope_held_out'][g]['fp']} fn {q['pope_held_out'][g]['fn']} "
                                    f"of {q['pope_held_out'][g]['total']}")
+    if all(first[a]["qa"].get("pope_ranking") and first[a]["stage3"]["after"]["qa"].get("pope_ranking") for a in arms):
+        row("POPE AUC of the yes/no margin", "qa.pope_ranking.all.auc", scale=1, digits=3)
+        for group, name in HELD_OUT_SCENES.items():
+            if all(group in first[a]["qa"]["pope_ranking"] for a in arms):
+                row(f"POPE AUC, {name}", f"qa.pope_ranking.{group}.auc", scale=1, digits=3)
     if all(first[a]["qa"].get("novel_objects", {}).get("total") for a in arms):
         row("held-out combos present, confirmed %", "qa.novel_objects.recall",
             lambda q: f"{q['novel_objects']['confirmed']}/{q['novel_objects']['total']}")

@@ -33,6 +33,7 @@ from chameleon_lite.baseline.vlm import BaselineVLM, parameter_counts
 from chameleon_lite.comparison.config import CompareConfig, CompareConfigError, load_compare_config
 from chameleon_lite.comparison.evaluate import (
     evaluate_captions,
+    evaluate_pope_ranking,
     evaluate_qa,
     evaluate_text_to_image,
     evaluate_text_to_image_retrieval,
@@ -120,6 +121,9 @@ def _evaluate_arm(arm: str, model: Any, config: CompareConfig, parse, references
     if _has_qa(raw, "test"):  # imported data may have captions only
         result["qa"] = evaluate_qa(model, str(test / "qa-*.tar"), limit=ev.qa_questions, batch_size=ev.batch_size,
                                    reference_answers=references, progress=progress)
+        # the same POPE questions as a ranking: does a gain move the threshold or separate present from absent?
+        result["qa"]["pope_ranking"] = evaluate_pope_ranking(model, str(test / "qa-*.tar"), result["qa"]["records"],
+                                                             batch_size=ev.batch_size)
     result["captioning"] = evaluate_captions(model, str(test / "pairs-*.tar"), limit=ev.captions,
                                              batch_size=ev.batch_size, progress=progress)
     rows: list[dict[str, Any]] = []
