@@ -16,23 +16,16 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from chameleon_lite.comparison.evaluate import pope_margins
+from chameleon_lite.comparison.evaluate import evaluate_pope_ranking
 from chameleon_lite.data.readers import qa_dataset
-from chameleon_lite.eval.pope_ranking import ranking_scores
 from chameleon_lite.training.lit_preference import load_policy
 
 
-def pope_questions(raw: Path, split: str, questions: int) -> list[dict]:
-    """The POPE questions among the first ``questions`` questions of ``raw/split`` (the order ``compare`` reads)."""
-    out = []
-    for i, sample in enumerate(qa_dataset(str(raw / split / "qa-*.tar"))):
-        if i >= questions:
-            break
-        if sample["meta"].get("pope_type") is not None:
-            out.append({**sample, "held_out": bool(sample["meta"].get("held_out"))})
-    return out
+def pope_records(shards: str, questions: int) -> list[dict]:
+    """The first ``questions`` questions of ``shards`` (the order ``compare`` reads) as the fields of ``evaluate_qa``'s
+    records that ``evaluate_pope_ranking`` reads."""
+    return [{"key": s["key"], "answer": s["answer"], "pope_type": s["meta"].get("pope_type"),
+             "held_out": bool(s["meta"].get("held_out"))} for _, s in zip(range(questions), qa_dataset(shards))]
 
 
 def main() -> None:
@@ -43,10 +36,8 @@ def main() -> None:
     parser.add_argument("--model", action="append", required=True, metavar="NAME=DIR")
     parser.add_argument("--out", type=Path, help="write every number as JSON here")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    samples = pope_questions(args.raw, args.split, args.questions)
-    present = torch.tensor([s["answer"].strip().lower() == "yes" for s in samples])
-    held = torch.tensor([s["held_out"] for s in samples])
+    shards = str(args.raw / args.split / "qa-*.tar")
+    records = pope_records(shards, args.questions)
     results = {}
     print("| model | POPE questions | AUC | F1 at margin 0 (yes-rate) | best F1 over thresholds (yes-rate) | "
           "AUC, scenes of seen combos / with a held-out combo | seconds |")
@@ -54,16 +45,14 @@ def main() -> None:
     for spec in args.model:
         name, _, model_dir = spec.partition("=")
         started = time.perf_counter()
-        margin = pope_margins(load_policy(model_dir), samples)
-        scores = ranking_scores(margin, present)
-        by_scene = {k: ranking_scores(margin[mask], present[mask]) for k, mask in (("seen", ~held), ("held_out", held))
-                    if mask.any()}
+        ranked = evaluate_pope_ranking(load_policy(model_dir), shards, records)
         seconds = time.perf_counter() - started
-        results[name] = {"model_dir": model_dir, **scores, "by_scene": by_scene, "seconds": seconds}
+        results[name] = {"model_dir": model_dir, **ranked, "seconds": seconds}
+        scores = ranked["all"]
         print(f"| {name} | {scores['total']} | {scores['auc']:.3f} | {100 * scores['f1_at_zero']:.1f} "
               f"({100 * scores['yes_rate_at_zero']:.1f} %) | {100 * scores['best_f1']:.1f} "
               f"({100 * scores['best_yes_rate']:.1f} %) | "
-              + " / ".join(f"{by_scene[k]['auc']:.3f}" for k in ("seen", "held_out") if k in by_scene)
+              + " / ".join(f"{ranked[k]['auc']:.3f}" for k in ("seen", "held_out") if k in ranked)
               + f" | {seconds:.0f} |", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
